@@ -1,0 +1,29 @@
+# Quick start: `make demo` (set-up + main job) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= runs/demo/$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m research.train -m experiment=demo hydra.sweep.dir=$(DEMO_DIR)
+	$(PY) -m research.analyze report $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m research.bench
+
+clean:
+	rm -rf $(VENV) runs outputs multirun

@@ -1,0 +1,222 @@
+"""Typed schema of the training config, and its validation.
+
+Hydra composes `conf/train.yaml`; `parse` checks that result against the
+dataclasses below (types, unknown keys) and against the rules a run relies
+on, so a bad value fails here with one line naming the field, before any
+mesh, corpus read or compile. Checks that need the machine (device count) or
+the corpus (its length) live next to that knowledge, in sharding.py and
+data.py, and raise the same `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd")
+SCHEDULES = ("cosine", "wsd", "constant", "rsqrt")
+DATASETS = ("stdlib", "tokens", "synthetic")
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "block")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. `str(err)` is one line: 'field: problem'."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    norm: str = "rmsnorm"
+    pos: str = "rope"
+    tie_embeddings: bool = True
+    share_layers: int = 0  # distinct blocks reused cyclically over depth; 0 = none
+    dtype: str = "float32"  # compute dtype; params stay float32
+    remat: str = "none"
+    init_std: float = 0.02
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    seq_len: int = 128
+    path: str | None = None  # directory with train.bin / val.bin (data.name=tokens)
+    vocab_size: int | None = None  # tokens: required; synthetic: default 256; stdlib: 256
+    val_fraction: float = 0.05  # stdlib: share of files held out for validation
+    cache_dir: str | None = None  # stdlib: where the memmap cache lives (default ~/.cache/ladder)
+    synthetic_tokens: int = 1_000_000  # synthetic: corpus length
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0  # global-norm clip; 0 = off
+    accum: int = 1  # microbatches per step
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup: int = 100
+    min_lr_ratio: float = 0.1  # cosine / wsd floor as a fraction of optim.lr
+    decay_frac: float = 0.2  # wsd: fraction of steps spent in the final decay
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    seed: int = 0
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    log_every: int = 10
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # -1 = all remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps; 0 = only at the end
+    keep: int = 3
+    resume: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _typed(raw: DictConfig | dict) -> Config:
+    """Merge `raw` onto the schema: wrong types and unknown keys become ConfigError."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        msg = str(err).splitlines()[0]
+        raise ConfigError(key, msg) from None
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, f"unknown value {value!r}; valid: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(name, f"must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first rule `cfg` breaks (machine-independent rules)."""
+    m, d, o, s, t = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.train
+    _one_of("model.norm", m.norm, NORMS)
+    _one_of("model.pos", m.pos, POSITIONS)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.remat", m.remat, REMATS)
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _one_of("schedule.name", s.name, SCHEDULES)
+    _one_of("data.name", d.name, DATASETS)
+    for name in ("d_model", "n_layers", "n_heads"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}"
+        )
+    if m.pos == "rope" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError(
+            "model.pos", f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"
+        )
+    _positive("model.mlp_ratio", m.mlp_ratio)
+    if not 0 <= m.share_layers <= m.n_layers:
+        raise ConfigError(
+            "model.share_layers", f"must be in 0..model.n_layers={m.n_layers}, got {m.share_layers}"
+        )
+    _positive("data.seq_len", d.seq_len)
+    if d.name == "tokens":
+        if not d.path:
+            raise ConfigError("data.path", "required for data.name=tokens (a dir with train.bin, val.bin)")
+        if d.vocab_size is None:
+            raise ConfigError("data.vocab_size", "required for data.name=tokens")
+    if d.vocab_size is not None and not 2 <= d.vocab_size <= 65536:
+        raise ConfigError("data.vocab_size", f"must be in 2..65536, got {d.vocab_size}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    _positive("optim.clip", o.clip, zero_ok=True)
+    _positive("optim.accum", o.accum)
+    for name in ("b1", "b2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {getattr(o, name)}")
+    _positive("schedule.warmup", s.warmup, zero_ok=True)
+    if s.warmup >= t.steps:
+        raise ConfigError("schedule.warmup", f"{s.warmup} must be < train.steps={t.steps}")
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise ConfigError("schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
+    if not 0 < s.decay_frac <= 1:
+        raise ConfigError("schedule.decay_frac", f"must be in (0, 1], got {s.decay_frac}")
+    for name in ("steps", "batch_size", "eval_batches", "log_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.eval_every", t.eval_every, zero_ok=True)
+    if t.batch_size % o.accum:
+        raise ConfigError(
+            "train.batch_size", f"{t.batch_size} is not divisible by optim.accum={o.accum}"
+        )
+    for name in ("data", "fsdp", "tensor"):
+        value = getattr(cfg.mesh, name)
+        if value == 0 or value < -1:
+            raise ConfigError(f"mesh.{name}", f"must be a positive size or -1, got {value}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _positive("checkpoint.every", cfg.checkpoint.every, zero_ok=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+
+
+def parse(raw: DictConfig | dict) -> Config:
+    """Hydra's config -> a validated `Config`. Raises ConfigError (one line)."""
+    if isinstance(raw, DictConfig):
+        # Drop keys that belong to Hydra or to experiment bookkeeping, not to a run.
+        raw = OmegaConf.to_container(raw, resolve=True)
+        raw = {k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(Config)}}
+    cfg = _typed(raw)
+    validate(cfg)
+    return cfg
+
+
+def d_head(m: ModelConfig) -> int:
+    return m.d_model // m.n_heads
+
+
+def d_ff(m: ModelConfig) -> int:
+    return int(round(m.d_model * m.mlp_ratio))

@@ -1,0 +1,87 @@
+"""Parameter counts, model FLOPs per token, and the peak that MFU divides by.
+
+FLOPs follow PaLM's accounting (Chowdhery et al. 2022, appendix B): a
+training token costs 6 * N + 12 * L * H * Q * T, where N counts the weights
+that take part in matmuls (embedding lookups are free), L layers, H heads,
+Q head dim, T sequence length. The output projection (tied or not) is a
+matmul, so it is in N; the token and position embedding tables are not.
+This matches how nanoGPT's MFU counts, so figures compare across codebases.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.config import ModelConfig, d_ff, d_head
+
+# Dense bf16 peak FLOP/s per device, from vendor datasheets (no sparsity).
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def param_counts(cfg: ModelConfig, vocab_size: int, seq_len: int) -> dict[str, int]:
+    """Total and non-embedding parameter counts, from the config (see model.py).
+
+    `non_embedding_params` excludes the token and position tables and an
+    untied unembedding (Kaplan et al. 2020's N); `matmul_params` is the N of
+    the FLOP formula: non-embedding plus the output projection.
+    """
+    D, V = cfg.d_model, vocab_size
+    norm = D * (2 if cfg.norm == "layernorm" else 1)
+    block = 4 * D * D + 2 * D * d_ff(cfg) + 2 * norm
+    blocks = block * (cfg.share_layers or cfg.n_layers)
+    embed = V * D + (seq_len * D if cfg.pos == "learned" else 0)
+    unembed = 0 if cfg.tie_embeddings else D * V
+    non_embedding = blocks + norm
+    return {
+        "params": non_embedding + embed + unembed,
+        "non_embedding_params": non_embedding,
+        # A shared block is applied n_layers times: compute scales with depth.
+        "matmul_params": block * cfg.n_layers + D * V,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 N + 12 L H Q T."""
+    n = param_counts(cfg, vocab_size, seq_len)["matmul_params"]
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * d_head(cfg) * seq_len
+
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 10) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n x n matmul on the default device (once per process)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure came from)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops, f"table:{name}"
+    return measure_matmul_flops(), f"measured:{device.platform} fp32 1024^3 matmul"

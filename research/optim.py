@@ -1,0 +1,97 @@
+"""Optax optimizers and learning-rate schedules built from the config.
+
+Weight decay applies to matrices only (ndim >= 2): norm scales and biases
+are left alone. Gradient accumulation is not an Optax wrapper here: step.py
+averages microbatch gradients inside one jitted step, which gives the same
+update as one large batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research.config import OptimConfig, ScheduleConfig
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _warmup(step: jax.Array, warmup: int) -> jax.Array:
+    return jnp.minimum(1.0, (step + 1) / max(warmup, 1)) if warmup else jnp.ones_like(step, jnp.float32)
+
+
+def make_schedule(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
+    """step -> learning rate. Linear warmup over `s.warmup` steps, then:
+
+    cosine    half-cosine from lr to lr*min_lr_ratio at the last step;
+    wsd       warmup-stable-decay: constant, then a linear decay to
+              lr*min_lr_ratio over the last decay_frac of the steps;
+    constant  lr;
+    rsqrt     lr * sqrt(warmup / step) after warmup.
+    """
+    floor = lr * s.min_lr_ratio
+
+    def cosine(step):
+        t = jnp.clip((step - s.warmup) / max(steps - 1 - s.warmup, 1), 0.0, 1.0)
+        return floor + (lr - floor) * 0.5 * (1 + jnp.cos(jnp.pi * t))
+
+    def wsd(step):
+        decay_steps = max(int(round(steps * s.decay_frac)), 1)
+        t = jnp.clip((step - (steps - decay_steps)) / decay_steps, 0.0, 1.0)
+        return lr - (lr - floor) * t
+
+    def constant(step):
+        return jnp.full_like(step, lr, jnp.float32)
+
+    def rsqrt(step):
+        return lr * jnp.sqrt(max(s.warmup, 1) / jnp.maximum(step + 1, max(s.warmup, 1)))
+
+    body = {"cosine": cosine, "wsd": wsd, "constant": constant, "rsqrt": rsqrt}[s.name]
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        return _warmup(step, s.warmup) * body(step)
+
+    return schedule
+
+
+def decay_mask(params):
+    """True for leaves that get weight decay: matrices, not norms or biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _adamw(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+
+
+def _lion(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+    return optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+
+
+def _adafactor(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+    # Factored second moments with Optax's default decay; b1 > 0 adds momentum.
+    return optax.adafactor(
+        lr, multiply_by_parameter_scale=False, momentum=o.b1 or None,
+        weight_decay_rate=o.weight_decay or None, weight_decay_mask=decay_mask,
+    )
+
+
+def _sgd(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.add_decayed_weights(o.weight_decay, decay_mask),
+        optax.sgd(lr, momentum=o.b1 or None),
+    )
+
+
+OPTIMIZERS = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor, "sgd": _sgd}
+
+
+def make_optimizer(o: OptimConfig, schedule: Schedule) -> optax.GradientTransformation:
+    """Clip (global norm) -> the named optimizer with masked, decoupled weight decay."""
+    core = OPTIMIZERS[o.name](o, schedule)
+    if o.clip > 0:
+        return optax.chain(optax.clip_by_global_norm(o.clip), core)
+    return core

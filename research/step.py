@@ -1,0 +1,121 @@
+"""Pure train and eval steps, each one `jax.jit` with explicit shardings.
+
+The train state is a plain dict pytree, `{"params", "opt_state", "step"}`,
+so jit, Optax and Orbax all see the same structure. `train_step(state,
+batch) -> (state, metrics)` has no side effects; the state argument is
+donated, so params and optimizer moments are updated in place.
+
+Batches are int32 (B, L + 1): inputs are [:, :-1], targets [:, 1:].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from research import sharding as shd
+
+State = dict
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
+    """(params, batch_BxL1) -> mean next-token cross-entropy (float32 scalar)."""
+    targets = {"act": NamedSharding(mesh, P(shd.BATCH_AXES, None, None)),
+               "whole": shd.replicated(mesh)}
+
+    def constrain(x, kind):
+        return jax.lax.with_sharding_constraint(x, targets[kind])
+
+    def loss_fn(params, batch_BxL1):
+        model = nnx.merge(graphdef, nnx.State(params))
+        inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
+        logits_BxLxV = model(inputs_BxL, constrain=constrain)
+        losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+        return losses_BxL.mean()
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    schedule: Callable, accum: int, state_shardings, mesh: Mesh) -> Callable:
+    """Jitted `(state, batch) -> (state, metrics)` with `accum` microbatches per step."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    micro = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
+
+    def grads_of(params, batch_BxL1):
+        if accum == 1:
+            return grad_fn(params, batch_BxL1)
+        B, L1 = batch_BxL1.shape
+        # Microbatch i takes rows i, i+accum, ...: every device keeps its own rows.
+        micro_AxMxL1 = batch_BxL1.reshape(B // accum, accum, L1).swapaxes(0, 1)
+        micro_AxMxL1 = jax.lax.with_sharding_constraint(micro_AxMxL1, micro)
+
+        def body(carry, mb_MxL1):
+            loss, grads = grad_fn(params, mb_MxL1)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(body, zeros, micro_AxMxL1)
+        return jax.tree.map(lambda x: x / accum, (loss, grads))
+
+    def train_step(state: State, batch_BxL1: jax.Array):
+        loss, grads = grads_of(state["params"], batch_BxL1)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+        }
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    batch = shd.batch_sharding(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(loss_fn: Callable, param_shardings, mesh: Mesh) -> Callable:
+    """Jitted `(params, batch) -> mean loss`."""
+    return jax.jit(
+        loss_fn,
+        in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+        out_shardings=shd.replicated(mesh),
+    )
+
+
+def init_state(init_params: Callable, optimizer: optax.GradientTransformation,
+               state_shardings) -> State:
+    """Create params and optimizer state directly in their shards (no host copy)."""
+
+    def init():
+        params = init_params()
+        return {"params": params, "opt_state": optimizer.init(params),
+                "step": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, out_shardings=state_shardings)()
+
+
+def state_shardings(abstract_params, param_shardings, optimizer: optax.GradientTransformation,
+                    mesh: Mesh):
+    """Shardings for the whole state: optimizer moments follow their params."""
+    rep = shd.replicated(mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+
+    def like_param(state_leaf, param_leaf, sharding):
+        # Factored moments (Adafactor) have other shapes than their param: replicate.
+        return sharding if state_leaf.shape == param_leaf.shape else rep
+
+    opt = optax.tree_map_params(
+        optimizer, like_param, abstract_opt, abstract_params, param_shardings,
+        transform_non_params=lambda _: rep,
+    )
+    return {"params": param_shardings, "opt_state": opt, "step": rep}
