@@ -1,0 +1,137 @@
+"""`python -m research.bench [overrides]`: throughput of the full train step.
+
+Prints one JSON line: the config, tokens/s, model FLOP/s (PaLM accounting,
+see flops.py), the peak it is compared with (measured fp32 matmul on CPU,
+datasheet on accelerators) and their ratio (MFU), step time, first-step
+compile time and peak memory. Overrides use the same names as
+`research.train`; the defaults are the reference config for a 2-core CPU:
+n_layers=6, n_heads=6, d_model=384, seq_len=256, batch_size=16, vocab 256,
+fp32, AdamW.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from research import config, data, flops, model, optim
+from research import sharding as shd
+from research import step as steplib
+
+REFERENCE = (
+    "model=m",
+    "data=synthetic",
+    "data.seq_len=256",
+    "train.batch_size=16",
+    "optim=adamw",
+)
+
+
+def _compose(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="train", overrides=list(REFERENCE) + overrides)
+
+
+def _peak_memory_bytes(device) -> tuple[int, str]:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    # CPU: the process's peak resident set (ru_maxrss is KiB on Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"
+
+
+def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
+    """Compile, run `warmup` steps, then time `steps` steps. Returns the figures."""
+    cfg = config.parse(raw_cfg)
+    devices = jax.devices()
+    mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
+    corpus = data.load(cfg.data)
+    vocab, seq_len, t = corpus.vocab_size, cfg.data.seq_len, cfg.train
+    peak, peak_source = flops.peak_flops(devices[0])  # measured before any other work
+    if devices[0].platform != "cpu":
+        peak *= len(devices)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model.build(cfg.model, vocab, seq_len, 0)))
+    param_sh = shd.param_shardings(abstract, mesh)
+    abstract = abstract.to_pure_dict()
+    schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, t.steps)
+    optimizer = optim.make_optimizer(cfg.optim, schedule)
+    state_sh = steplib.state_shardings(abstract, param_sh, optimizer, mesh)
+    state = steplib.init_state(
+        lambda: nnx.split(model.build(cfg.model, vocab, seq_len, 0))[1].to_pure_dict(), optimizer, state_sh)
+    batch_sh = shd.batch_sharding(mesh)
+    batches = [data.device_batch(corpus, data.TRAIN, t.seed, i, t.batch_size, seq_len, batch_sh)
+               for i in range(2)]
+    loss_fn = steplib.make_loss_fn(graphdef, mesh)
+
+    t0 = time.perf_counter()
+    train_step = steplib.make_train_step(loss_fn, optimizer, schedule, cfg.optim.accum, state_sh, mesh)
+    train_step = train_step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+
+    for i in range(warmup):
+        state, metrics = train_step(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, batches[i % 2])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_time = float(np.median(times))
+    tokens_per_s = t.batch_size * seq_len / step_time
+    model_flops = tokens_per_s * flops.flops_per_token(cfg.model, vocab, seq_len)
+    mem, mem_source = _peak_memory_bytes(devices[0])
+    m = cfg.model
+    return {
+        "config": {"n_layers": m.n_layers, "n_heads": m.n_heads, "d_model": m.d_model,
+                   "seq_len": seq_len, "batch_size": t.batch_size, "vocab": vocab,
+                   "dtype": m.dtype, "optim": cfg.optim.name, "accum": cfg.optim.accum,
+                   "remat": m.remat, "mesh": dict(zip(shd.AXES, mesh.devices.shape))},
+        "device": f"{len(devices)} x {devices[0].device_kind}",
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_s": model_flops,
+        "peak_flops_per_s": peak,
+        "peak_source": peak_source,
+        "mfu": model_flops / peak,
+        "step_time_s": step_time,
+        "step_time_min_s": float(np.min(times)),
+        "compile_s": compile_s,
+        "peak_memory_bytes": mem,
+        "peak_memory_source": mem_source,
+        "timed_steps": steps,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    steps = 10
+    rest = []
+    for arg in argv:
+        if arg.startswith("--steps="):
+            steps = int(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    try:
+        result = bench(_compose(rest), steps=steps)
+    except config.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

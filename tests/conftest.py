@@ -1,0 +1,49 @@
+"""Shared test set-up.
+
+Sharding tests need 8 devices; on CPU that means simulated ones, which XLA
+only creates if the flag is set before jax is first imported. conftest.py is
+imported before any test module, so set it here.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+def compose(*overrides: str):
+    """The config `python -m research.train` would build from these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+# Small, fast settings for end-to-end tests: synthetic data, a tiny model.
+TINY = (
+    "data=synthetic",
+    "data.seq_len=32",
+    "model=xs",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "train.batch_size=16",
+    "train.steps=20",
+    "train.log_every=5",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "schedule.warmup=5",
+)
