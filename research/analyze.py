@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -43,8 +42,10 @@ def report(dirs: list[str], out: str | None) -> dict:
         raise InputError(f"{', '.join(dirs)}: no run directories (summary.json or .hydra/) found")
     ok = df[(df["status"] == "completed") & df.get("final_val_loss", pd.Series(dtype=float)).notna()]
     skipped = df[~df.index.isin(ok.index)]
+    if ok.empty:
+        raise InputError(f"{', '.join(dirs)}: none of the {len(df)} runs completed; nothing to report")
     for _, row in skipped.iterrows():
-        warnings.warn(f"skipping {row['run_dir']}: status {row['status']}", stacklevel=1)
+        print(f"warning: skipping {row['run_dir']}: status {row['status']}", file=sys.stderr)
     ok = ok.sort_values([X_COL, "run_dir"]).reset_index(drop=True)
     out_dir = Path(out) if out else Path(dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,18 @@
 """Parameter counts, model FLOPs per token, and the peak that MFU divides by.
 
 FLOPs follow PaLM's accounting (Chowdhery et al. 2022, appendix B): a
-training token costs 6 * N + 12 * L * H * Q * T, where N counts the weights
-that take part in matmuls (embedding lookups are free), L layers, H heads,
-Q head dim, T sequence length. The output projection (tied or not) is a
-matmul, so it is in N; the token and position embedding tables are not.
+training token costs 6 * N + 12 * L * H * Q * T, with L layers, H heads, Q
+head dim, T sequence length. N is the non-embedding params as applied per
+token (a shared block counts at every layer it runs; norm scales included,
+as in Kaplan et al.'s 6N) plus the output projection, which is a matmul
+whether tied or not. Embedding lookups are free.
 This matches how nanoGPT's MFU counts, so figures compare across codebases.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 import jax
@@ -20,10 +22,14 @@ import numpy as np
 from research.config import ModelConfig, d_ff, d_head
 
 # Dense bf16 peak FLOP/s per device, from vendor datasheets (no sparsity).
+# Matched as whole words against device_kind, most specific first.
 PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
     "H100": 989e12,
     "H200": 989e12,
+    "GH200": 989e12,
     "A100": 312e12,
+    "L40S": 362e12,
     "L4": 121e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -39,7 +45,7 @@ def param_counts(cfg: ModelConfig, vocab_size: int, seq_len: int) -> dict[str, i
 
     `non_embedding_params` excludes the token and position tables and an
     untied unembedding (Kaplan et al. 2020's N); `matmul_params` is the N of
-    the FLOP formula: non-embedding plus the output projection.
+    the FLOP formula (see the module docstring).
     """
     D, V = cfg.d_model, vocab_size
     norm = D * (2 if cfg.norm == "layernorm" else 1)
@@ -82,6 +88,6 @@ def peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
     device = device or jax.devices()[0]
     kind = getattr(device, "device_kind", "")
     for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
+        if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", kind, re.IGNORECASE):
             return flops, f"table:{name}"
     return measure_matmul_flops(), f"measured:{device.platform} fp32 1024^3 matmul"

@@ -114,6 +114,11 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
     if devices[0].platform != "cpu":  # simulated CPU devices share one host's cores
         peak *= len(devices)
     tokens_per_step = t.batch_size * seq_len
+    if jax.process_index() == 0:
+        mesh_desc = " ".join(f"{a}={n}" for a, n in zip(shd.AXES, mesh.devices.shape))
+        print(f"model: {counts['params']:,} params ({counts['non_embedding_params']:,} non-embedding), "
+              f"{per_token / 1e6:.2f} MFLOP/token; mesh {mesh_desc} on {len(devices)} "
+              f"{devices[0].platform} device(s); compiled in {compile_s:.1f}s", file=sys.stderr)
 
     # -- The loop.
     logger = RunLogger(run_dir, t.steps, start)

@@ -203,3 +203,13 @@ def test_report_cli_missing_dir(repo: Path, tmp_path: Path):
     assert len(lines) == 1, proc.stderr
     assert str(missing) in lines[0]
     assert not missing.exists()
+
+
+def test_report_cli_no_completed_run(repo: Path, tmp_path: Path):
+    root = tmp_path / "sweep"
+    _write_run(root, "only_diverged", 64, 2, 100_000, "diverged", None)
+    proc = _cli(repo, "report", str(root))
+    assert proc.returncode == 2
+    lines = _stderr_lines(proc)
+    assert len(lines) == 1 and "completed" in lines[0], proc.stderr
+    assert not (root / "report.md").exists()

@@ -106,6 +106,10 @@ def test_peak_flops_cpu_is_measured():
         ("nvidia h100 nvl", 989e12, "H100"),  # case-insensitive
         ("NVIDIA A100-SXM4-40GB", 312e12, "A100"),
         ("TPU v5 lite", 197e12, "TPU v5 lite"),
+        # Whole-word matches: an L40S is not an L4, a PCIe H100 is not an SXM one.
+        ("NVIDIA L40S", 362e12, "L40S"),
+        ("NVIDIA L4", 121e12, "L4"),
+        ("NVIDIA H100 PCIe", 756e12, "H100 PCIe"),
     ],
 )
 def test_peak_flops_table(kind, expected, name):

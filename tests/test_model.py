@@ -204,6 +204,29 @@ def test_remat_block_matches_no_remat():
 # ---------------------------------------------------------------- dtype
 
 
+def _dot_operand_dtypes(model, toks) -> list[tuple]:
+    """Operand dtypes of every dot_general in the forward pass (nested jaxprs included)."""
+
+    def subjaxprs(value):
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from subjaxprs(v)
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield tuple(str(v.aval.dtype) for v in eqn.invars)
+            for value in eqn.params.values():
+                for sub in subjaxprs(value):
+                    yield from walk(sub)
+
+    return list(walk(jax.make_jaxpr(lambda t: model(t))(toks).jaxpr))
+
+
 def test_bfloat16_compute_params_stay_fp32():
     cfg32 = tiny(norm="layernorm", pos="learned", tie_embeddings=False)
     cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")
@@ -219,6 +242,11 @@ def test_bfloat16_compute_params_stay_fp32():
     assert np.abs(y16 - y32).max() <= 0.05 * scale + 1e-3
     # ... but not identical: compute really ran in bfloat16.
     assert not np.array_equal(y16, y32)
+    # Every matmul (projections, attention, MLP, unembedding) runs on bfloat16 operands.
+    dots16 = _dot_operand_dtypes(m16, toks)
+    assert len(dots16) >= 6 * cfg16.n_layers + 1
+    assert all(d == ("bfloat16", "bfloat16") for d in dots16), dots16
+    assert all(d == ("float32", "float32") for d in _dot_operand_dtypes(m32, toks))
     # Params are still float32 after a forward pass.
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m16, nnx.Param)))
 
