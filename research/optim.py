@@ -1,7 +1,8 @@
 """Optax optimizers and learning-rate schedules built from the config.
 
-Weight decay applies to matrices only (ndim >= 2): norm scales and biases
-are left alone. Gradient accumulation is not an Optax wrapper here: step.py
+Weight decay is decoupled and scaled by the learning rate in every
+optimizer (p -= lr * wd * p, as AdamW), and applies to matrices only
+(ndim >= 2): norm scales and biases are left alone. Gradient accumulation is not an Optax wrapper here: step.py
 averages microbatch gradients inside one jitted step, which gives the same
 update as one large batch.
 """
@@ -40,7 +41,8 @@ def make_schedule(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
 
     def wsd(step):
         decay_steps = max(int(round(steps * s.decay_frac)), 1)
-        t = jnp.clip((step - (steps - decay_steps)) / decay_steps, 0.0, 1.0)
+        # Reaches the floor at the last step run, steps - 1.
+        t = jnp.clip((step - (steps - decay_steps)) / max(decay_steps - 1, 1), 0.0, 1.0)
         return lr - (lr - floor) * t
 
     def constant(step):
@@ -72,17 +74,23 @@ def _lion(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
 
 
 def _adafactor(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
-    # Factored second moments with Optax's default decay; b1 > 0 adds momentum.
-    return optax.adafactor(
-        lr, multiply_by_parameter_scale=False, momentum=o.b1 or None,
-        weight_decay_rate=o.weight_decay or None, weight_decay_mask=decay_mask,
+    # Optax's adafactor adds weight decay after the lr scaling (so it would
+    # ignore lr and schedule); build the same chain with decay before it.
+    return optax.chain(
+        optax.scale_by_factored_rms(),
+        optax.clip_by_block_rms(1.0),
+        *([optax.ema(o.b1, debias=False)] if o.b1 else []),
+        optax.add_decayed_weights(o.weight_decay, decay_mask),
+        optax.scale_by_learning_rate(lr),
     )
 
 
 def _sgd(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+    # Decay after momentum, so it is decoupled (not amplified by 1 / (1 - b1)).
     return optax.chain(
+        *([optax.trace(decay=o.b1)] if o.b1 else []),
         optax.add_decayed_weights(o.weight_decay, decay_mask),
-        optax.sgd(lr, momentum=o.b1 or None),
+        optax.scale_by_learning_rate(lr),
     )
 
 
