@@ -69,7 +69,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     optimizer = optim.make_optimizer(cfg.optim, schedule)
     state_sh = steplib.state_shardings(abstract, param_sh, optimizer, mesh)
     state = steplib.init_state(
-        lambda: nnx.split(model.build(cfg.model, vocab, seq_len, 0))[1].to_pure_dict(), optimizer, state_sh)
+        lambda: nnx.split(model.build(cfg.model, vocab, seq_len, 0))[1].to_pure_dict(), optimizer, state_sh, 0)
     batch_sh = shd.batch_sharding(mesh)
     batches = [data.device_batch(corpus, data.TRAIN, t.seed, i, t.batch_size, seq_len, batch_sh)
                for i in range(2)]

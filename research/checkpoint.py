@@ -1,52 +1,147 @@
-"""Orbax checkpoints in `<run_dir>/checkpoints/`: save, find the newest, restore.
+"""Orbax checkpoints in `<run_dir>/checkpoints/`: save, resume, reshard, skip damage.
 
-Each checkpoint holds the train state (params, optimizer state, step) and
-the run's config as JSON. Restores always read into an abstract target that
-carries the *current* shardings, so a checkpoint written on one mesh loads
-onto another. Saves are asynchronous; every process must call `save`.
+Each checkpoint `<step>/` holds two items:
+  state/  the train state pytree: params, opt_state, step, rng (Orbax
+          StandardSave; readable with plain Orbax, see README);
+  meta/   JSON: the run's config, vocab size, Python version, corpus hash.
+
+Restores always read into an abstract target that carries the *current*
+shardings, so a checkpoint written on one mesh loads onto another. Saves are
+asynchronous and every process must call them. Orbax writes a step into a
+temporary directory and renames it only when complete, and deletes old steps
+only after a newer one is committed, so a kill mid-save never costs a good
+checkpoint. A committed step that fails to restore (a file deleted or
+truncated) is moved aside to `damaged-<step>` with a warning, and the one
+before it is used.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(RuntimeError):
+    """A save failed (disk full, read-only, ...): one line naming the directory."""
+
+
+def _warn(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` with the run's save policy."""
+    """`ocp.CheckpointManager` with the run's save and keep policy."""
 
-    def __init__(self, directory: str | Path, every: int, keep: int):
+    def __init__(self, directory: str | Path, every: int = 0, keep: int = 3, keep_every: int = 0):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every if every > 0 else 1,
-            max_to_keep=keep,
-            enable_async_checkpointing=True,
-            create=True,
-        )
         self.every = every
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,  # `maybe_save` decides; Orbax only writes
+            max_to_keep=keep,
+            keep_period=keep_every or None,  # also keep every keep_every-th step
+            enable_async_checkpointing=True,
+            create=False,  # do not create anything until the first save
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps()) if self.directory.exists() else []
 
-    def maybe_save(self, step: int, state, config: dict, force: bool = False) -> bool:
+    # -- saving
+
+    def maybe_save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Save at multiples of `every` (if > 0), or always when `force`."""
         if not force and (self.every <= 0 or step % self.every):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
-        return self.manager.save(step, args=args, force=force)
+        if step in self.steps():
+            return False  # already on disk (e.g. a resumed, finished run)
+        self._probe_writable()
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            return self.manager.save(step, args=args, force=True)
+        except Exception as err:  # e.g. OSError from a full or read-only disk
+            raise CheckpointError(f"checkpoint save to {self.directory} failed: {_one_line(err)}") from None
+
+    def _probe_writable(self) -> None:
+        """Fail fast on a read-only or full disk: Orbax's async writer can stall on one."""
+        probe = self.directory / f".write-probe-{jax.process_index()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as err:
+            raise CheckpointError(f"checkpoint save to {self.directory} failed: {_one_line(err)}") from None
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed (raises CheckpointError)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise CheckpointError(f"checkpoint save to {self.directory} failed: {_one_line(err)}") from None
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+    # -- restoring
+
+    def meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, abstract_state):
         """Read checkpoint `step` into `abstract_state` (ShapeDtypeStructs with shardings)."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self.manager.restore(step, args=args)["state"]
 
-    def close(self) -> None:
-        """Block until pending async saves are on disk."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def restore_latest(self, abstract_state, check=None):
+        """(step, state, meta) of the newest checkpoint that restores; (None, None, None) if none.
+
+        `check(meta)` runs before the state is read and may raise (e.g. a
+        ConfigError when the checkpoint is for another model): that is not
+        damage and propagates. Damaged steps are moved aside to
+        `damaged-<step>-<time>` (never deleted) with a warning.
+        """
+        for step in reversed(self.steps()):
+            try:
+                meta = self.meta(step)
+            except Exception as err:
+                _warn(f"checkpoint {self.directory / str(step)} is damaged or incomplete "
+                      f"({_one_line(err)}); skipping it and trying the one before")
+                self._quarantine(step)
+                continue
+            if check:
+                check(meta)
+            try:
+                return step, self.restore(step, abstract_state), meta
+            except Exception as err:
+                _warn(f"checkpoint {self.directory / str(step)} is damaged or incomplete "
+                      f"({_one_line(err)}); skipping it and trying the one before")
+                self._quarantine(step)
+        return None, None, None
+
+    def _quarantine(self, step: int) -> None:
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            src.rename(self.directory / f"damaged-{step}-{int(time.time())}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine-{step}")
+        self.manager.reload()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def abstract_with_shardings(shapes, shardings):
@@ -54,3 +149,37 @@ def abstract_with_shardings(shapes, shardings):
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, int]:
+    """Resolve a run dir, its checkpoints/ dir, or one step dir to (checkpoints dir, step).
+
+    A run or checkpoints dir gives its newest step. Raises FileNotFoundError.
+    """
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "state").is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    steps = sorted(int(p.name) for p in path.glob("*") if p.name.isdigit() and (p / "state").is_dir()) \
+        if path.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{path}: no checkpoint (expected a run dir, its checkpoints/ or a step dir)")
+    return path, steps[-1]
+
+
+def restore_params(path: str | Path, abstract_params) -> tuple[dict, int, dict]:
+    """Only the params of another run's checkpoint, onto `abstract_params`' shardings.
+
+    Returns (params, step, meta). Used by `checkpoint.init_from` and `load_run`.
+    """
+    directory, step = find_checkpoint(path)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    target = {"params": abstract_params}
+    partial = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)  # the optimizer state may be for another optimizer
+    state = manager.restore(step, args=ocp.args.Composite(state=partial))["state"]
+    manager.close()
+    return state["params"], step, meta

@@ -99,9 +99,11 @@ class MeshConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # save every N steps; 0 = only at the end
-    keep: int = 3
-    resume: bool = True
+    every: int = 0  # save every N steps; 0 = only at the end (and on preemption)
+    keep: int = 3  # newest checkpoints kept
+    keep_every: int = 0  # also keep every step that is a multiple of this; 0 = none
+    resume: bool = True  # resume from the newest checkpoint in the run dir
+    init_from: str | None = None  # run dir / checkpoint to take params from (fresh optimizer)
 
 
 @dataclass
@@ -201,6 +203,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _positive("checkpoint.every", cfg.checkpoint.every, zero_ok=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("checkpoint.keep_every", cfg.checkpoint.keep_every, zero_ok=True)
 
 
 def parse(raw: DictConfig | dict) -> Config:

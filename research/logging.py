@@ -37,6 +37,7 @@ class RunLogger:
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._drop_rows_after(start_step)
         self.metrics = self.metrics_path.open("a")

@@ -1,6 +1,6 @@
 """Pure train and eval steps, each one `jax.jit` with explicit shardings.
 
-The train state is a plain dict pytree, `{"params", "opt_state", "step"}`,
+The train state is a plain dict pytree, `{"params", "opt_state", "step", "rng"}`,
 so jit, Optax and Orbax all see the same structure. `train_step(state,
 batch) -> (state, metrics)` has no side effects; the state argument is
 donated, so params and optimizer moments are updated in place.
@@ -72,7 +72,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state["step"]),
         }
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     batch = shd.batch_sharding(mesh)
     return jax.jit(
@@ -92,16 +92,23 @@ def make_eval_step(loss_fn: Callable, param_shardings, mesh: Mesh) -> Callable:
     )
 
 
+def new_state(params, optimizer: optax.GradientTransformation, seed: int) -> State:
+    """A train state at step 0. `rng` is the run's base PRNG key (raw uint32
+    data): anything stochastic at step s uses fold_in(rng, s), so resume is exact."""
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+
 def init_state(init_params: Callable, optimizer: optax.GradientTransformation,
-               state_shardings) -> State:
-    """Create params and optimizer state directly in their shards (no host copy)."""
+               state_shardings, seed: int) -> State:
+    """Create the state directly in its shards (no host copy of the full model)."""
+    return jax.jit(lambda: new_state(init_params(), optimizer, seed), out_shardings=state_shardings)()
 
-    def init():
-        params = init_params()
-        return {"params": params, "opt_state": optimizer.init(params),
-                "step": jnp.zeros((), jnp.int32)}
 
-    return jax.jit(init, out_shardings=state_shardings)()
+def state_from_params(params, optimizer: optax.GradientTransformation, state_shardings, seed: int) -> State:
+    """A step-0 state around existing (sharded) params: a warm start with a fresh optimizer."""
+    return jax.jit(lambda p: new_state(p, optimizer, seed), out_shardings=state_shardings)(params)
 
 
 def state_shardings(abstract_params, param_shardings, optimizer: optax.GradientTransformation,
@@ -118,4 +125,4 @@ def state_shardings(abstract_params, param_shardings, optimizer: optax.GradientT
         optimizer, like_param, abstract_opt, abstract_params, param_shardings,
         transform_non_params=lambda _: rep,
     )
-    return {"params": param_shardings, "opt_state": opt, "step": rep}
+    return {"params": param_shardings, "opt_state": opt, "step": rep, "rng": rep}

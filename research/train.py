@@ -1,9 +1,10 @@
 """Hydra entry point: `python -m research.train [overrides]`.
 
 `run(cfg, run_dir)` is the whole run, top to bottom, in named sections:
-config -> mesh -> corpus -> model and shardings -> init or restore ->
-compile -> loop (step, log, eval, checkpoint) -> summary.
-Invalid configs stop in the first section with one line and exit code 2.
+config -> mesh -> corpus -> model and shardings -> resume, warm start or
+init -> compile -> loop (step, log, eval, checkpoint, stop) -> summary.
+Invalid configs stop in the first sections, before any compile, with one
+line and exit code 2. See README "Checkpoints and preemption" for resume.
 """
 
 from __future__ import annotations
@@ -25,10 +26,38 @@ from research import checkpoint as ckpt
 from research import config, data, flops, model, optim
 from research import sharding as shd
 from research import step as steplib
+from research.config import ConfigError
 from research.logging import RunLogger
+from research.preemption import StopRequest
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_CHECKPOINT_FAILED = 4
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a restart continues exactly
+
+# Fields whose change makes a checkpoint's state unusable for this run.
+STATE_FIELDS = ("model.d_model", "model.n_layers", "model.n_heads", "model.mlp_ratio",
+                "model.norm", "model.pos", "model.tie_embeddings", "model.share_layers",
+                "optim.name")
+
+
+def _get(d: dict, dotted: str):
+    for key in dotted.split("."):
+        d = d[key]
+    return d
+
+
+def check_compatible(meta: dict, cfg: config.Config, vocab: int, where: str, field: str) -> None:
+    """ConfigError unless a checkpoint with `meta` fits this run's state."""
+    current = dataclasses.asdict(cfg)
+    fields = STATE_FIELDS if field == "checkpoint.resume" else STATE_FIELDS[:-1]
+    for name in fields:
+        if _get(meta["config"], name) != _get(current, name):
+            raise ConfigError(
+                name, f"{_get(current, name)!r}, but {where} was written with {_get(meta['config'], name)!r}; "
+                f"use another run dir (or checkpoint.init_from to start from its params)")
+    if meta["vocab_size"] != vocab:
+        raise ConfigError("data", f"vocab {vocab}, but {where} was written with vocab {meta['vocab_size']}")
 
 
 def evaluate(eval_step, params, corpus, cfg: config.Config, batch_sharding) -> float:
@@ -49,53 +78,72 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
 
     # -- Config, mesh and corpus: every check before anything is compiled.
     cfg = config.parse(raw_cfg)
+    t, seq_len = cfg.train, cfg.data.seq_len
     devices = list(devices) if devices is not None else jax.devices()
     mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
-    micro_batch = cfg.train.batch_size // cfg.optim.accum
+    micro_batch = t.batch_size // cfg.optim.accum
     if micro_batch % shd.dp_size(mesh):
-        raise config.ConfigError(
+        raise ConfigError(
             "train.batch_size",
-            f"{cfg.train.batch_size} / optim.accum={cfg.optim.accum} = {micro_batch} sequences is "
+            f"{t.batch_size} / optim.accum={cfg.optim.accum} = {micro_batch} sequences is "
             f"not divisible by the data-parallel size mesh.data*mesh.fsdp={shd.dp_size(mesh)}",
         )
     corpus = data.load(cfg.data)
-    checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep)
-    latest = checkpointer.latest_step()
-    if latest is not None and not cfg.checkpoint.resume:
-        raise config.ConfigError(
+    vocab = corpus.vocab_size
+    c = cfg.checkpoint
+    checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", c.every, c.keep, c.keep_every)
+    if checkpointer.steps() and not c.resume:
+        raise ConfigError(
             "checkpoint.resume",
-            f"false, but {checkpointer.directory} already holds checkpoints (newest step {latest}); "
-            "use another run dir or checkpoint.resume=true",
-        )
+            f"false, but {checkpointer.directory} already holds checkpoints (newest step "
+            f"{checkpointer.steps()[-1]}); use another run dir or checkpoint.resume=true")
+    if c.init_from:
+        try:
+            init_dir, init_step = ckpt.find_checkpoint(c.init_from)
+        except FileNotFoundError as err:
+            raise ConfigError("checkpoint.init_from", str(err)) from None
+        check_compatible(ckpt.Checkpointer(init_dir).meta(init_step), cfg, vocab,
+                         f"{init_dir / str(init_step)}", "checkpoint.init_from")
 
     # -- Model, optimizer and the shardings of the whole train state.
-    vocab, seq_len, seed = corpus.vocab_size, cfg.data.seq_len, cfg.train.seed
-    abstract_model = nnx.eval_shape(lambda: model.build(cfg.model, vocab, seq_len, seed))
+    abstract_model = nnx.eval_shape(lambda: model.build(cfg.model, vocab, seq_len, t.seed))
     graphdef, abstract_params = nnx.split(abstract_model)
     param_shardings = shd.param_shardings(abstract_params, mesh)
     abstract_params = abstract_params.to_pure_dict()
-    schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
+    schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, t.steps)
     optimizer = optim.make_optimizer(cfg.optim, schedule)
     state_shardings = steplib.state_shardings(abstract_params, param_shardings, optimizer, mesh)
+    abstract_state = ckpt.abstract_with_shardings(
+        jax.eval_shape(lambda: steplib.new_state(abstract_params, optimizer, t.seed)), state_shardings)
+    meta = {"config": dataclasses.asdict(cfg), "vocab_size": vocab,
+            "python_version": platform.python_version(), "corpus": corpus.name,
+            "corpus_hash": corpus.info.get("corpus_hash")}
 
-    # -- Init, or restore the newest checkpoint onto the current mesh.
-    if latest is None:
-        state = steplib.init_state(
-            lambda: nnx.split(model.build(cfg.model, vocab, seq_len, seed))[1].to_pure_dict(),
-            optimizer, state_shardings,
-        )
+    # -- Resume (newest good checkpoint, any mesh), warm start, or fresh init.
+    def check_resume(saved: dict) -> None:
+        check_compatible(saved, cfg, vocab, f"{checkpointer.directory}", "checkpoint.resume")
+
+    resumed_step, state, saved_meta = checkpointer.restore_latest(abstract_state, check_resume)
+    if resumed_step is not None:
+        print(f"resumed from {checkpointer.directory / str(resumed_step)} at step {resumed_step}",
+              file=sys.stderr)
+        if saved_meta["config"]["train"]["steps"] != t.steps:
+            print(f"train.steps changed from {saved_meta['config']['train']['steps']} to {t.steps}: "
+                  f"the lr schedule is now the one for {t.steps} steps", file=sys.stderr)
+    elif c.init_from:
+        params, from_step, _ = ckpt.restore_params(c.init_from, ckpt.abstract_with_shardings(
+            abstract_params, param_shardings))
+        state = steplib.state_from_params(params, optimizer, state_shardings, t.seed)
+        print(f"initialised params from {c.init_from} (step {from_step}); fresh optimizer", file=sys.stderr)
     else:
-        shapes = jax.eval_shape(
-            lambda: {"params": abstract_params, "opt_state": optimizer.init(abstract_params),
-                     "step": np.int32(0)})
-        state = checkpointer.restore(latest, ckpt.abstract_with_shardings(shapes, state_shardings))
-        print(f"resumed from {checkpointer.directory / str(latest)} at step {latest}", file=sys.stderr)
+        state = steplib.init_state(
+            lambda: nnx.split(model.build(cfg.model, vocab, seq_len, t.seed))[1].to_pure_dict(),
+            optimizer, state_shardings, t.seed)
     start = int(jax.device_get(state["step"]))
 
     # -- Compile (timed separately from training throughput).
     loss_fn = steplib.make_loss_fn(graphdef, mesh)
     batch_sharding = shd.batch_sharding(mesh)
-    t = cfg.train
 
     def batch_for(step: int) -> jax.Array:
         return data.device_batch(corpus, data.TRAIN, t.seed, step, t.batch_size, seq_len, batch_sharding)
@@ -120,55 +168,60 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
               f"{per_token / 1e6:.2f} MFLOP/token; mesh {mesh_desc} on {len(devices)} "
               f"{devices[0].platform} device(s); compiled in {compile_s:.1f}s", file=sys.stderr)
 
-    # -- The loop.
+    # -- The loop. Each step's loss is checked before anything is saved.
     logger = RunLogger(run_dir, t.steps, start)
-    config_json = dataclasses.asdict(cfg)
-    status, train_loss, val_loss = "completed", None, None
+    status, train_loss, val_loss, message = "completed", None, None, None
     train_time, interval_t0, interval_start = 0.0, time.perf_counter(), start
     next_batch = batch_for(start) if start < t.steps else None
-    for step in range(start, t.steps):
-        state, metrics = train_step(state, next_batch)
-        if step + 1 < t.steps:
-            next_batch = batch_for(step + 1)  # built while the device runs this step
-        done = step + 1
-        row = {}
-        if done % t.log_every == 0 or done == t.steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - interval_t0
-            train_time += elapsed
-            tps = (done - interval_start) * tokens_per_step / elapsed
-            train_loss = float(metrics["loss"])
-            row = {**metrics, "tokens": done * tokens_per_step, "tokens_per_s": tps,
-                   "mfu": tps * per_token / peak}
-            logger.progress(done, train_loss, tps)
-            if not (np.isfinite(train_loss) and np.isfinite(metrics["grad_norm"])):
-                logger.log(done, row)
+    with StopRequest() as stop:
+        for step in range(start, t.steps):
+            state, metrics = train_step(state, next_batch)
+            if step + 1 < t.steps:
+                next_batch = batch_for(step + 1)  # built while the device runs this step
+            done = step + 1
+            loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                logger.log(done, jax.device_get(metrics))
                 status = "diverged"
-                print(f"diverged: non-finite loss or grad norm at step {done}", file=sys.stderr)
+                message = (f"diverged: non-finite {'loss' if not np.isfinite(loss) else 'grad norm'} at step "
+                           f"{done}; last checkpoint: step {(checkpointer.steps() or ['none'])[-1]}")
                 break
-        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
-            row["val_loss"] = val_loss
-        if row:
-            logger.log(done, row)
-            interval_t0, interval_start = time.perf_counter(), done
-        checkpointer.maybe_save(done, state, config_json, force=done == t.steps)
+            row = {}
+            if done % t.log_every == 0 or done == t.steps:
+                elapsed = time.perf_counter() - interval_t0
+                train_time += elapsed
+                tps = (done - interval_start) * tokens_per_step / elapsed
+                train_loss = loss
+                row = {**jax.device_get(metrics), "tokens": done * tokens_per_step,
+                       "tokens_per_s": tps, "mfu": tps * per_token / peak}
+                logger.progress(done, loss, tps)
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                row["val_loss"] = val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
+            if row:
+                logger.log(done, row)
+                interval_t0, interval_start = time.perf_counter(), done
+            preempted = stop.requested()
+            checkpointer.maybe_save(done, state, meta, force=done == t.steps or preempted)
+            if preempted:
+                status, train_loss = "preempted", loss
+                message = f"preempted by {stop.name} at step {done}: checkpoint saved; run again to continue"
+                break
     if start >= t.steps:  # already finished: report the restored model
         val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
-    checkpointer.close()
+    checkpointer.close()  # waits for the last save: a preempted job exits only once it is on disk
 
     # -- Summary: everything analysis needs about this run, in one file.
-    steps_run = max(int(jax.device_get(state["step"])) - start, 0)
-    tps = steps_run * tokens_per_step / train_time if train_time else None
+    final_step = int(jax.device_get(state["step"]))
+    tps = (final_step - start) * tokens_per_step / train_time if train_time else None
     summary = {
         "status": status,
         "final_train_loss": train_loss,
-        "final_val_loss": val_loss,
+        "final_val_loss": val_loss if status == "completed" else None,
         **counts,
-        "tokens": int(jax.device_get(state["step"])) * tokens_per_step,
-        "flops": per_token * int(jax.device_get(state["step"])) * tokens_per_step,
+        "tokens": final_step * tokens_per_step,
+        "flops": per_token * final_step * tokens_per_step,
         "flops_per_token": per_token,
-        "steps": int(jax.device_get(state["step"])),
+        "steps": final_step,
         "tokens_per_s": tps,
         "mfu": tps * per_token / peak if tps else None,
         "peak_flops": peak,
@@ -182,10 +235,13 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
         "corpus": corpus.name,
         "corpus_hash": corpus.info.get("corpus_hash"),
         "corpus_info": corpus.info,
-        "config": config_json,
+        "resumed_from": resumed_step,
+        "config": meta["config"],
     }
     logger.summary(summary)
     logger.close()
+    if message and jax.process_index() == 0:
+        print(message, file=sys.stderr)
     return summary
 
 
@@ -194,11 +250,16 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         summary = run(cfg, run_dir)
-    except config.ConfigError as err:
+    except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    except ckpt.CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CHECKPOINT_FAILED)
     if summary["status"] == "diverged":
         sys.exit(EXIT_DIVERGED)
+    if summary["status"] == "preempted":
+        sys.exit(EXIT_PREEMPTED)
     return summary["final_val_loss"]
 
 

@@ -169,7 +169,7 @@ def _setup(*overrides):
     def init():
         return steplib.init_state(
             lambda: nnx.split(model.build(cfg.model, vocab, seq_len, seed))[1].to_pure_dict(),
-            optimizer, state_shardings,
+            optimizer, state_shardings, seed,
         )
 
     loss_fn = steplib.make_loss_fn(graphdef, mesh)

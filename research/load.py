@@ -1,0 +1,47 @@
+"""`research.load_run(run_dir, step=None)`: a finished (or running) run, for notebooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import pandas as pd
+from flax import nnx
+
+from research import checkpoint as ckpt
+from research import config, model
+from research.analysis.runs import load_curves
+
+
+class LoadedRun(NamedTuple):
+    config: config.Config
+    model: model.Transformer
+    metrics: pd.DataFrame
+    step: int
+
+
+def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
+    """Config, a Transformer with the params of checkpoint `step` (default: newest), metrics.
+
+    Params land on the default device, whatever mesh wrote them.
+    `cfg, net, metrics, step = load_run("runs/...")`; `net(tokens_BxL)` gives logits.
+    """
+    run_dir = Path(run_dir)
+    directory, newest = ckpt.find_checkpoint(run_dir)
+    step = newest if step is None else step
+    meta = ckpt.Checkpointer(directory).meta(step)
+    cfg = config.parse(meta["config"])
+    abstract = nnx.eval_shape(
+        lambda: model.build(cfg.model, meta["vocab_size"], cfg.data.seq_len, cfg.train.seed))
+    graphdef, abstract_state = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = ckpt.abstract_with_shardings(
+        abstract_state.to_pure_dict(),
+        jax.tree.map(lambda _: device, abstract_state.to_pure_dict()))
+    params, _, _ = ckpt.restore_params(directory / str(step), target)
+    nnx.replace_by_pure_dict(abstract_state, params)
+    net = nnx.merge(graphdef, abstract_state)
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = load_curves(run_dir) if metrics_path.exists() else pd.DataFrame()
+    return LoadedRun(cfg, net, metrics, step)

@@ -1,0 +1,276 @@
+"""Checkpoints that survive SIGKILL, preemption signals, damage and a change of mesh.
+
+Real subprocesses are killed and restarted; the result must be bitwise the
+same as a run that was never interrupted (CPU, fp32).
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from research import train
+from tests.conftest import TINY, compose
+
+STEPS = 30
+ARGS = (*TINY, f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=10",
+        "checkpoint.every=5", "checkpoint.keep=2", "checkpoint.keep_every=10")
+TIMING = {"tokens_per_s", "mfu"}  # wall-clock figures differ between attempts
+
+
+def _env():
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def _cmd(run_dir, *extra):
+    return [sys.executable, "-m", "research.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def _run(repo, run_dir, *extra, timeout=300):
+    return subprocess.run(_cmd(run_dir, *extra), cwd=repo, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _popen(repo, run_dir, *extra):
+    return subprocess.Popen(_cmd(run_dir, *extra), cwd=repo, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def _wait_rows(run_dir, n, proc, timeout=120):
+    path = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not reach {n} rows")
+
+
+def _params(run_dir, step=STEPS):
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(Path(run_dir) / "checkpoints" / str(step) / "state")
+    return jax.tree.map(np.asarray, state["params"])
+
+
+def _assert_same_run(run_dir, reference):
+    ref_dir, ref_params, ref_rows = reference
+    rows = _rows(run_dir)
+    steps = [r["step"] for r in rows]
+    assert steps == [r["step"] for r in ref_rows]  # no gaps, no repeats
+    assert rows == ref_rows
+    got = _params(run_dir)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise
+    assert json.loads((Path(run_dir) / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.fixture(scope="module")
+def reference(repo, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    proc = _run(repo, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, _params(run_dir), _rows(run_dir)
+
+
+def _copy(reference, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(reference[0], dst)
+    return dst
+
+
+def test_keep_policy(reference):
+    """Newest `keep` plus every `keep_every`-th step; metrics one row per step."""
+    steps = sorted(int(p.name) for p in (reference[0] / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [10, 20, 25, 30]
+    meta = json.loads((reference[0] / "checkpoints" / "30" / "meta" / "metadata").read_text())
+    assert meta["config"]["train"]["steps"] == STEPS and meta["vocab_size"] == 256
+
+
+def test_sigkill_at_random_moments_then_resume_is_exact(repo, reference, tmp_path):
+    rng = random.Random(0)
+    run_dir = tmp_path / "killed"
+    proc = _popen(repo, run_dir)
+    _wait_rows(run_dir, rng.randint(3, 12), proc)
+    proc.kill()
+    proc.wait()
+    proc = _popen(repo, run_dir)  # second kill: at a random time, maybe mid-save
+    _wait_rows(run_dir, 14, proc)
+    time.sleep(rng.uniform(0.0, 1.0))
+    proc.kill()
+    proc.wait()
+    final = _run(repo, run_dir)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resumed from" in final.stderr
+    _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_checkpoints_and_exits(repo, reference, tmp_path, signum):
+    run_dir = tmp_path / "preempted"
+    proc = _popen(repo, run_dir)
+    _wait_rows(run_dir, 7, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_PREEMPTED, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"preempted by {signal.Signals(signum).name} at step ")
+    step = int(last.split("at step ")[1].split(":")[0])
+    assert (run_dir / "checkpoints" / str(step) / "state").is_dir()  # waited for the save
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["steps"] == step
+    final = _run(repo, run_dir)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_newest_checkpoint_is_skipped(repo, reference, tmp_path, damage):
+    run_dir = _copy(reference, tmp_path)
+    state_dir = run_dir / "checkpoints" / "30" / "state"
+    victim = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.unlink()
+    proc = _run(repo, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoints/30 is damaged" in proc.stderr
+    assert "resumed from" in proc.stderr and "at step 25" in proc.stderr
+    assert list((run_dir / "checkpoints").glob("damaged-30-*"))  # kept aside, not deleted
+    _assert_same_run(run_dir, reference)
+
+
+def test_changed_model_refuses_to_resume(repo, reference, tmp_path):
+    run_dir = _copy(reference, tmp_path)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = _run(repo, run_dir, "model.d_model=64")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("config error: model.d_model: 64, but")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_non_finite_loss_stops_without_saving_it(repo, tmp_path):
+    run_dir = tmp_path / "diverged"
+    proc = _run(repo, run_dir, "optim.lr=1e6", "optim.clip=0", "checkpoint.every=1")
+    assert proc.returncode == train.EXIT_DIVERGED, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("diverged: non-finite") and "at step" in last
+    bad_step = int(last.split("at step ")[1].split(";")[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad_step
+    for step in saved:
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(run_dir, step)))
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True).returncode == 0
+    return ok
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_unwritable_disk_gives_a_clear_error(repo, tmp_path, fault):
+    run_dir = tmp_path / "run"
+    ckpt_dir = run_dir / "checkpoints"
+    if not _mount_tmpfs(ckpt_dir, "64k"):
+        pytest.skip("needs permission to mount a tmpfs (root); not available here")
+    try:
+        if fault == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(ckpt_dir)], check=True)
+        proc = _run(repo, run_dir, "train.steps=10", timeout=180)  # a hang would time out
+        assert proc.returncode == train.EXIT_CHECKPOINT_FAILED, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: checkpoint save to {ckpt_dir} failed")
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt_dir)], capture_output=True)
+
+
+def test_resume_with_more_steps_uses_the_new_schedule(repo, reference, tmp_path):
+    from research import optim
+    from research.config import parse
+
+    run_dir = _copy(reference, tmp_path)
+    proc = _run(repo, run_dir, "train.steps=40")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"train.steps changed from {STEPS} to 40" in proc.stderr
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))
+    cfg = parse(compose(*ARGS, "train.steps=40"))
+    schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, 40)
+    for r in rows[STEPS:]:
+        if "lr" in r:
+            assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)
+
+
+def test_init_from_starts_from_params_with_a_fresh_optimizer(repo, reference, tmp_path):
+    run_dir = tmp_path / "warm"
+    proc = _run(repo, run_dir, f"checkpoint.init_from={reference[0]}", "optim=lion")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialised params from" in proc.stderr
+    rows = _rows(run_dir)
+    assert rows[0]["step"] == 1
+    assert rows[0]["loss"] < reference[2][0]["loss"] - 0.1  # starts where the other ended
+    missing = _run(repo, tmp_path / "x", f"checkpoint.init_from={tmp_path / 'nothing'}")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("config error: checkpoint.init_from")
+
+
+def test_restore_onto_other_meshes_continues_the_curve(tmp_path):
+    """Written on 8 devices as (2,2,2); resumed on 1 device and on (1,8,1)."""
+    args = (*TINY, "train.steps=20", "train.log_every=1", "checkpoint.every=10", "checkpoint.keep=5",
+            "model.d_model=64")
+    source = tmp_path / "source"
+    train.run(compose(*args, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), source)
+    full = {r["step"]: r["loss"] for r in _rows(source) if "loss" in r}
+    for name, mesh, devices in [("one", ("1", "1", "1"), jax.devices()[:1]),
+                                ("fsdp8", ("1", "8", "1"), None)]:
+        run_dir = tmp_path / name
+        shutil.copytree(source, run_dir)
+        shutil.rmtree(run_dir / "checkpoints" / "20")
+        overrides = [f"mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh)]
+        summary = train.run(compose(*args, *overrides), run_dir, devices=devices)
+        assert summary["resumed_from"] == 10
+        resumed = {r["step"]: r["loss"] for r in _rows(run_dir) if "loss" in r}
+        assert sorted(resumed) == list(range(1, 21))
+        np.testing.assert_allclose([resumed[s] for s in range(11, 21)],
+                                   [full[s] for s in range(11, 21)], rtol=1e-4)
+
+
+def test_load_run_and_plain_orbax(reference):
+    """`research.load_run` for notebooks, and the README's project-free read."""
+    import jax.numpy as jnp
+
+    import research
+
+    cfg, net, metrics, step = research.load_run(reference[0])
+    assert step == STEPS and cfg.model.d_model == 32
+    assert net(jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, 256)
+    assert metrics["step"].max() == STEPS
+
+    # README, "Reading a checkpoint without this project":
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(f"{reference[0]}/checkpoints/{STEPS}/state")
+    embed = np.asarray(state["params"]["embed"])
+    wq = np.asarray(state["params"]["blocks"]["0"]["wq"])
+    assert embed.shape == (256, 32) and wq.shape == (32, 32) and int(state["step"]) == STEPS
+    np.testing.assert_array_equal(embed, reference[1]["embed"])
