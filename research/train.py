@@ -10,6 +10,7 @@ line and exit code 2. See README "Checkpoints and preemption" for resume.
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import sys
 import time
@@ -213,6 +214,10 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
     # -- Summary: everything analysis needs about this run, in one file.
     final_step = int(jax.device_get(state["step"]))
     tps = (final_step - start) * tokens_per_step / train_time if train_time else None
+    previous = run_dir / "summary.json"
+    if tps is None and previous.exists():  # nothing trained now: keep the figures measured before
+        old = json.loads(previous.read_text())
+        tps, train_loss = old.get("tokens_per_s"), train_loss or old.get("final_train_loss")
     summary = {
         "status": status,
         "final_train_loss": train_loss,

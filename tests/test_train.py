@@ -62,10 +62,14 @@ def test_tensorboard_reads_the_events(cli_run):
 
 def test_rerun_resumes_from_checkpoint(repo, cli_run):
     before = (cli_run / "metrics.jsonl").read_text()
+    summary_before = json.loads((cli_run / "summary.json").read_text())
     proc = _cli(repo, *TINY, f"hydra.run.dir={cli_run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed" in proc.stderr
     assert (cli_run / "metrics.jsonl").read_text() == before  # nothing retrained or duplicated
+    summary = json.loads((cli_run / "summary.json").read_text())
+    for key in ("final_val_loss", "final_train_loss", "tokens_per_s", "steps"):
+        assert summary[key] == summary_before[key]  # the measured figures survive
 
 
 def test_refuses_to_overwrite_checkpoints(repo, cli_run):
