@@ -17,6 +17,7 @@ before it is used.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from research.config import ConfigError
 
 
 class CheckpointError(RuntimeError):
@@ -121,12 +124,37 @@ class Checkpointer:
             if check:
                 check(meta)
             try:
+                problem = self.mismatch(step, abstract_state)
+            except Exception:
+                problem = None  # unreadable metadata: let the restore below report the damage
+            if problem:  # another config's state is not damage: refuse, move nothing
+                raise ConfigError("checkpoint.resume", f"{self.directory / str(step)} holds the state of "
+                                  f"another config ({problem}); use another run dir or checkpoint.init_from")
+            try:
                 return step, self.restore(step, abstract_state), meta
             except Exception as err:
                 _warn(f"checkpoint {self.directory / str(step)} is damaged or incomplete "
                       f"({_one_line(err)}); skipping it and trying the one before")
                 self._quarantine(step)
         return None, None, None
+
+    def mismatch(self, step: int, abstract_state) -> str | None:
+        """The first difference in tree or shapes between checkpoint `step` and the target."""
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # reading an item dir directly warns of a missing step file
+        try:
+            tree = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata
+        finally:
+            absl.setLevel(level)
+        saved = _shapes(tree)
+        want = _shapes(abstract_state)
+        for key in sorted(saved.keys() ^ want.keys()):
+            return f"{key} is only in {'the checkpoint' if key in saved else 'this config'}"
+        for key in sorted(want):
+            if saved[key] != want[key]:
+                return f"{key} has shape {saved[key]} there, {want[key]} here"
+        return None
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -137,6 +165,14 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices(f"quarantine-{step}")
         self.manager.reload()
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{'params/blocks/0/wq': shape, ...} with list indices and dict keys spelled alike."""
+    def name(path):
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _one_line(err: BaseException) -> str:

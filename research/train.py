@@ -36,10 +36,10 @@ EXIT_DIVERGED = 3
 EXIT_CHECKPOINT_FAILED = 4
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a restart continues exactly
 
-# Fields whose change makes a checkpoint's state unusable for this run.
-STATE_FIELDS = ("model.d_model", "model.n_layers", "model.n_heads", "model.mlp_ratio",
-                "model.norm", "model.pos", "model.tie_embeddings", "model.share_layers",
-                "optim.name")
+# Fields whose change makes a checkpoint's params (or, to resume, its whole state) unusable.
+PARAM_FIELDS = ("model.d_model", "model.n_layers", "model.n_heads", "model.mlp_ratio",
+                "model.norm", "model.pos", "model.tie_embeddings", "model.share_layers")
+STATE_FIELDS = (*PARAM_FIELDS, "optim.name")
 
 
 def _get(d: dict, dotted: str):
@@ -51,8 +51,7 @@ def _get(d: dict, dotted: str):
 def check_compatible(meta: dict, cfg: config.Config, vocab: int, where: str, field: str) -> None:
     """ConfigError unless a checkpoint with `meta` fits this run's state."""
     current = dataclasses.asdict(cfg)
-    fields = STATE_FIELDS if field == "checkpoint.resume" else STATE_FIELDS[:-1]
-    for name in fields:
+    for name in STATE_FIELDS if field == "checkpoint.resume" else PARAM_FIELDS:
         if _get(meta["config"], name) != _get(current, name):
             raise ConfigError(
                 name, f"{_get(current, name)!r}, but {where} was written with {_get(meta['config'], name)!r}; "
@@ -131,6 +130,9 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
         if saved_meta["config"]["train"]["steps"] != t.steps:
             print(f"train.steps changed from {saved_meta['config']['train']['steps']} to {t.steps}: "
                   f"the lr schedule is now the one for {t.steps} steps", file=sys.stderr)
+        if resumed_step >= t.steps:
+            print(f"nothing to train: the checkpoint is at step {resumed_step} >= train.steps={t.steps}; "
+                  "evaluating it", file=sys.stderr)
     elif c.init_from:
         params, from_step, _ = ckpt.restore_params(c.init_from, ckpt.abstract_with_shardings(
             abstract_params, param_shardings))

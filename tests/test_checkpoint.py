@@ -94,6 +94,19 @@ def _copy(reference, tmp_path):
     return dst
 
 
+def test_checkpoint_killed_mid_write_is_invisible(repo, reference, tmp_path):
+    """Orbax writes into a temporary dir and renames on commit: a half-written step is ignored."""
+    run_dir = _copy(reference, tmp_path)
+    partial = run_dir / "checkpoints" / "35.orbax-checkpoint-tmp-1234"
+    shutil.copytree(run_dir / "checkpoints" / "30", partial)
+    next(p for p in partial.rglob("*") if p.is_file() and p.stat().st_size > 0).write_bytes(b"")
+    proc = _run(repo, run_dir, "train.steps=35")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "at step 30" in proc.stderr
+    assert "damaged" not in proc.stderr
+    assert (run_dir / "checkpoints" / "35" / "state").is_dir()
+
+
 def test_keep_policy(reference):
     """Newest `keep` plus every `keep_every`-th step; metrics one row per step."""
     steps = sorted(int(p.name) for p in (reference[0] / "checkpoints").iterdir() if p.name.isdigit())
@@ -156,12 +169,18 @@ def test_damaged_newest_checkpoint_is_skipped(repo, reference, tmp_path, damage)
     _assert_same_run(run_dir, reference)
 
 
-def test_changed_model_refuses_to_resume(repo, reference, tmp_path):
+@pytest.mark.parametrize("override, error", [
+    ("model.d_model=64", "config error: model.d_model: 64, but"),
+    # No named field differs, but the optimizer state's tree does (no clip state):
+    ("optim.clip=0", "config error: checkpoint.resume: "),
+])
+def test_changed_config_refuses_to_resume(repo, reference, tmp_path, override, error):
+    """Another config's checkpoint is refused, not mistaken for damage and moved aside."""
     run_dir = _copy(reference, tmp_path)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = _run(repo, run_dir, "model.d_model=64")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("config error: model.d_model: 64, but")
+    proc = _run(repo, run_dir, override)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(error)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
