@@ -41,19 +41,30 @@ class RunLogger:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._drop_rows_after(start_step)
         self.metrics = self.metrics_path.open("a")
-        self.tb = SummaryWriter(logdir=str(self.run_dir / "tb"))
+        # purge_step: TensorBoard hides what a killed attempt wrote past the restored step.
+        self.tb = SummaryWriter(logdir=str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.interactive,
                         dynamic_ncols=True, unit="step")
 
     def _drop_rows_after(self, step: int) -> None:
-        """On resume, forget rows a killed attempt logged past the restored step."""
+        """On resume, forget rows a killed attempt logged past the restored step.
+
+        A kill can also leave half a line at the end; it is dropped too. The
+        file is replaced atomically, so a kill now cannot lose the kept rows.
+        """
         if not self.metrics_path.exists():
             return
-        rows = self.metrics_path.read_text().splitlines()
-        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
-        if len(kept) != len(rows):
-            self.metrics_path.write_text("".join(r + "\n" for r in kept))
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)
 
     def log(self, step: int, row: dict) -> None:
         """One metrics row for `step` (values are scalars)."""

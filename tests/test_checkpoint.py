@@ -293,3 +293,14 @@ def test_load_run_and_plain_orbax(reference):
     wq = np.asarray(state["params"]["blocks"]["0"]["wq"])
     assert embed.shape == (256, 32) and wq.shape == (32, 32) and int(state["step"]) == STEPS
     np.testing.assert_array_equal(embed, reference[1]["embed"])
+
+
+def test_half_written_metrics_line_is_dropped_on_resume(repo, reference, tmp_path):
+    """SIGKILL can cut metrics.jsonl mid-line; resume must still give the clean rows."""
+    run_dir = _copy(reference, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "30")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 31, "loss": 1.2')  # what a kill mid-write leaves
+    proc = _run(repo, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(run_dir, reference)
