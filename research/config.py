@@ -23,6 +23,7 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block")
+ATTENTIONS = ("auto", "xla", "chunked")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ class ModelConfig:
     share_layers: int = 0  # distinct blocks reused cyclically over depth; 0 = none
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: str = "none"
+    attention: str = "auto"  # auto | xla | chunked (see attention.py)
     init_std: float = 0.02
     rope_theta: float = 10000.0
 
@@ -146,6 +148,7 @@ def validate(cfg: Config) -> None:
     _one_of("model.pos", m.pos, POSITIONS)
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.remat", m.remat, REMATS)
+    _one_of("model.attention", m.attention, ATTENTIONS)
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("schedule.name", s.name, SCHEDULES)
     _one_of("data.name", d.name, DATASETS)

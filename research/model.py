@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.attention import causal_attention
 from research.config import ModelConfig, d_ff, d_head
 
 # constrain(x, kind) pins a sharding: kind "act" for the (B, L, D) residual
@@ -77,7 +78,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, K, F = cfg.d_model, cfg.n_heads, d_head(cfg), d_ff(cfg)
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.n_heads, self.dtype = H, jnp.dtype(cfg.dtype)
+        self.n_heads, self.dtype, self.attention = H, jnp.dtype(cfg.dtype), cfg.attention
         self.attn_norm = Norm(D, cfg.norm)
         self.wq = _param(rngs, (D, H * K), ("embed", "heads"), std)
         self.wk = _param(rngs, (D, H * K), ("embed", "heads"), std)
@@ -100,7 +101,7 @@ class Block(nnx.Module):
         if rope is not None:
             q_BxLxHxK = apply_rope(q_BxLxHxK, *rope)
             k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)
-        o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+        o_BxLxHxK = causal_attention(self.attention, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
         x_NxD = x_BxLxD.reshape(B * L, D) + o_BxLxHxK.reshape(B * L, -1) @ self._w(self.wo)
         h_NxF = jax.nn.gelu(self.mlp_norm(x_NxD) @ self._w(self.w_in))
         x_NxD = x_NxD + h_NxF @ self._w(self.w_out)
