@@ -17,8 +17,9 @@ def test_chunked_matches_xla_values_and_gradients(length, chunk):
 
     np.testing.assert_allclose(chunked_attention(q, k, v, chunk), xla_attention(q, k, v),
                                rtol=1e-5, atol=1e-6)
-    g_chunked = jax.grad(lambda *a: loss(lambda *b: chunked_attention(*b, chunk), *a), (0, 1, 2))(q, k, v)
-    g_xla = jax.grad(lambda *a: loss(xla_attention, *a), (0, 1, 2))(q, k, v)
+    g_chunked = jax.jit(jax.grad(lambda *a: loss(lambda *b: chunked_attention(*b, chunk), *a),
+                                 (0, 1, 2)))(q, k, v)
+    g_xla = jax.jit(jax.grad(lambda *a: loss(xla_attention, *a), (0, 1, 2)))(q, k, v)
     for a, b in zip(g_chunked, g_xla):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
