@@ -18,9 +18,8 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
-from research import config, data, flops, model, optim
+from research import config, data, flops
 from research import sharding as shd
 from research import step as steplib
 
@@ -62,21 +61,16 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     if devices[0].platform != "cpu":
         peak *= len(devices)
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model.build(cfg.model, vocab, seq_len, 0)))
-    param_sh = shd.param_shardings(abstract, mesh)
-    abstract = abstract.to_pure_dict()
-    schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, t.steps)
-    optimizer = optim.make_optimizer(cfg.optim, schedule)
-    state_sh = steplib.state_shardings(abstract, param_sh, optimizer, mesh)
-    state = steplib.init_state(
-        lambda: nnx.split(model.build(cfg.model, vocab, seq_len, 0))[1].to_pure_dict(), optimizer, state_sh, 0)
+    plan = steplib.plan(cfg, vocab, mesh)
+    state = plan.fresh_state()
     batch_sh = shd.batch_sharding(mesh)
     batches = [data.device_batch(corpus, data.TRAIN, t.seed, i, t.batch_size, seq_len, batch_sh)
                for i in range(2)]
-    loss_fn = steplib.make_loss_fn(graphdef, mesh)
+    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
 
     t0 = time.perf_counter()
-    train_step = steplib.make_train_step(loss_fn, optimizer, schedule, cfg.optim.accum, state_sh, mesh)
+    train_step = steplib.make_train_step(
+        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
     train_step = train_step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
 

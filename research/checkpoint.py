@@ -180,13 +180,6 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def abstract_with_shardings(shapes, shardings):
-    """ShapeDtypeStructs carrying `shardings`: the restore target for the current mesh."""
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
-
-
 def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     """Resolve a run dir, its checkpoints/ dir, or one step dir to (checkpoints dir, step).
 

@@ -10,6 +10,7 @@ import pandas as pd
 from flax import nnx
 
 from research import checkpoint as ckpt
+from research import sharding as shd
 from research import config, model
 from research.analysis.runs import load_curves
 
@@ -36,7 +37,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
         lambda: model.build(cfg.model, meta["vocab_size"], cfg.data.seq_len, cfg.train.seed))
     graphdef, abstract_state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = ckpt.abstract_with_shardings(
+    target = shd.abstract_with_shardings(
         abstract_state.to_pure_dict(),
         jax.tree.map(lambda _: device, abstract_state.to_pure_dict()))
     params, _, _ = ckpt.restore_params(directory / str(step), target)

@@ -82,6 +82,13 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
     return nnx.State(shardings).to_pure_dict() if not isinstance(shardings, dict) else shardings
 
 
+def abstract_with_shardings(shapes, shardings):
+    """ShapeDtypeStructs carrying `shardings`: a restore target for the current mesh."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sequences split over (data, fsdp); the rest of each example stays whole."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -10,6 +10,7 @@ Batches are int32 (B, L + 1): inputs are [:, :-1], targets [:, 1:].
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -18,7 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from research import model, optim
 from research import sharding as shd
+from research.config import Config
 
 State = dict
 
@@ -126,3 +129,42 @@ def state_shardings(abstract_params, param_shardings, optimizer: optax.GradientT
         transform_non_params=lambda _: rep,
     )
     return {"params": param_shardings, "opt_state": opt, "step": rep, "rng": rep}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The train state as known before any array exists: structure, shardings, optimizer."""
+
+    graphdef: nnx.GraphDef
+    abstract_params: dict
+    param_shardings: dict
+    state_shardings: dict
+    optimizer: optax.GradientTransformation
+    schedule: Callable
+    build_model: Callable[[], nnx.Module]
+    seed: int
+
+    def fresh_state(self) -> State:
+        """Newly initialised params and optimizer state, created in their shards."""
+        return init_state(lambda: nnx.split(self.build_model())[1].to_pure_dict(),
+                          self.optimizer, self.state_shardings, self.seed)
+
+    def abstract_state(self):
+        """ShapeDtypeStructs with the current shardings: the target of a restore."""
+        shapes = jax.eval_shape(lambda: new_state(self.abstract_params, self.optimizer, self.seed))
+        return shd.abstract_with_shardings(shapes, self.state_shardings)
+
+
+def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:
+    """Model structure, optimizer, schedule and state shardings for `cfg` on `mesh`."""
+    def build_model():
+        return model.build(cfg.model, vocab, cfg.data.seq_len, cfg.train.seed)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build_model))
+    param_shardings = shd.param_shardings(abstract, mesh)
+    abstract_params = abstract.to_pure_dict()
+    schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
+    optimizer = optim.make_optimizer(cfg.optim, schedule)
+    return Plan(graphdef, abstract_params, param_shardings,
+                state_shardings(abstract_params, param_shardings, optimizer, mesh),
+                optimizer, schedule, build_model, cfg.train.seed)

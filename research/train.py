@@ -19,12 +19,11 @@ from pathlib import Path
 import hydra
 import jax
 import numpy as np
-from flax import nnx
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import config, data, flops, model, optim
+from research import config, data, flops
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
@@ -106,15 +105,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
                          f"{init_dir / str(init_step)}", "checkpoint.init_from")
 
     # -- Model, optimizer and the shardings of the whole train state.
-    abstract_model = nnx.eval_shape(lambda: model.build(cfg.model, vocab, seq_len, t.seed))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    param_shardings = shd.param_shardings(abstract_params, mesh)
-    abstract_params = abstract_params.to_pure_dict()
-    schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, t.steps)
-    optimizer = optim.make_optimizer(cfg.optim, schedule)
-    state_shardings = steplib.state_shardings(abstract_params, param_shardings, optimizer, mesh)
-    abstract_state = ckpt.abstract_with_shardings(
-        jax.eval_shape(lambda: steplib.new_state(abstract_params, optimizer, t.seed)), state_shardings)
+    plan = steplib.plan(cfg, vocab, mesh)
     meta = {"config": dataclasses.asdict(cfg), "vocab_size": vocab,
             "python_version": platform.python_version(), "corpus": corpus.name,
             "corpus_hash": corpus.info.get("corpus_hash")}
@@ -123,7 +114,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
     def check_resume(saved: dict) -> None:
         check_compatible(saved, cfg, vocab, f"{checkpointer.directory}", "checkpoint.resume")
 
-    resumed_step, state, saved_meta = checkpointer.restore_latest(abstract_state, check_resume)
+    resumed_step, state, saved_meta = checkpointer.restore_latest(plan.abstract_state(), check_resume)
     if resumed_step is not None:
         print(f"resumed from {checkpointer.directory / str(resumed_step)} at step {resumed_step}",
               file=sys.stderr)
@@ -134,18 +125,16 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
             print(f"nothing to train: the checkpoint is at step {resumed_step} >= train.steps={t.steps}; "
                   "evaluating it", file=sys.stderr)
     elif c.init_from:
-        params, from_step, _ = ckpt.restore_params(c.init_from, ckpt.abstract_with_shardings(
-            abstract_params, param_shardings))
-        state = steplib.state_from_params(params, optimizer, state_shardings, t.seed)
+        params, from_step, _ = ckpt.restore_params(c.init_from, shd.abstract_with_shardings(
+            plan.abstract_params, plan.param_shardings))
+        state = steplib.state_from_params(params, plan.optimizer, plan.state_shardings, t.seed)
         print(f"initialised params from {c.init_from} (step {from_step}); fresh optimizer", file=sys.stderr)
     else:
-        state = steplib.init_state(
-            lambda: nnx.split(model.build(cfg.model, vocab, seq_len, t.seed))[1].to_pure_dict(),
-            optimizer, state_shardings, t.seed)
+        state = plan.fresh_state()
     start = int(jax.device_get(state["step"]))
 
     # -- Compile (timed separately from training throughput).
-    loss_fn = steplib.make_loss_fn(graphdef, mesh)
+    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
     batch_sharding = shd.batch_sharding(mesh)
 
     def batch_for(step: int) -> jax.Array:
@@ -153,9 +142,9 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
 
     t0 = time.perf_counter()
     train_step = steplib.make_train_step(
-        loss_fn, optimizer, schedule, cfg.optim.accum, state_shardings, mesh
+        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh
     ).lower(state, batch_for(start)).compile()
-    eval_step = steplib.make_eval_step(loss_fn, param_shardings, mesh)
+    eval_step = steplib.make_eval_step(loss_fn, plan.param_shardings, mesh)
     compile_s = time.perf_counter() - t0
 
     # -- Accounting: params, FLOPs per token, the peak MFU divides by.

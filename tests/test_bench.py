@@ -1,0 +1,32 @@
+"""`python -m research.bench` prints one JSON line with the figures it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+KEYS = {"config", "tokens_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu", "step_time_s",
+        "compile_s", "peak_memory_bytes"}
+
+
+def test_bench_prints_one_json_line(repo):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "research.bench", "model=xs", "data.seq_len=32", "train.batch_size=8",
+         "--steps=3"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= result.keys()
+    assert result["config"]["d_model"] == 64 and result["config"]["seq_len"] == 32
+    assert result["tokens_per_s"] > 0 and result["compile_s"] > 0 and result["peak_memory_bytes"] > 0
+    # The ratio is what it says: model FLOP/s over the measured peak.
+    assert result["mfu"] == result["model_flops_per_s"] / result["peak_flops_per_s"]
+    assert result["peak_source"].startswith("measured:cpu")
+
+
+def test_bench_rejects_bad_config(repo):
+    proc = subprocess.run([sys.executable, "-m", "research.bench", "optim.name=nope"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "config error: optim.name: unknown value 'nope'; valid: adamw, lion, adafactor, sgd")
