@@ -15,6 +15,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -23,6 +24,7 @@ from research import config, data, flops
 from research import sharding as shd
 from research import step as steplib
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 REFERENCE = (
     "model=m",
     "data=synthetic",
@@ -33,12 +35,9 @@ REFERENCE = (
 
 
 def _compose(overrides: list[str]):
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=list(REFERENCE) + overrides)
 
 
@@ -119,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rest.append(arg)
     try:
+        config.check_group_choices(rest, CONF)
         result = bench(_compose(rest), steps=steps)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ data.py, and raise the same `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
@@ -218,6 +219,23 @@ def parse(raw: DictConfig | dict) -> Config:
     cfg = _typed(raw)
     validate(cfg)
     return cfg
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """ConfigError for `group=name` overrides naming a preset that `conf/group/` lacks.
+
+    Hydra would report these itself, but in many lines; this says it in one.
+    Handles `group=a,b` sweeps and `+group=`/`~group` prefixes.
+    """
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group_dir = conf_dir / key
+        if not sep or "." in key or "/" in key or not group_dir.is_dir():
+            continue
+        valid = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice and choice != "null" and choice not in valid:
+                raise ConfigError(key, f"no preset {choice!r} in {group_dir}; valid: {', '.join(valid)}")
 
 
 def d_head(m: ModelConfig) -> int:

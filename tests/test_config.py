@@ -40,6 +40,8 @@ CASES = [
     ("tokens_missing_dir", ["data=tokens", "data.path={missing}", "data.vocab_size=512"], "data.path"),
     ("tokens_no_path", ["data=tokens"], "data.path"),
     ("wrong_type", ["model.d_model=abc"], "model.d_model"),
+    ("unknown_preset", ["optim=adamww"], "optim"),
+    ("unknown_preset_in_sweep", ["-m", "model=xs,nope"], "model"),
 ]
 
 
