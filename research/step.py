@@ -28,16 +28,16 @@ State = dict
 
 def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
     """(params, batch_BxL1) -> mean next-token cross-entropy (float32 scalar)."""
-    targets = {"act": NamedSharding(mesh, P(shd.BATCH_AXES, None, None)),
-               "whole": shd.replicated(mesh)}
+    pinned = {"act": NamedSharding(mesh, P(shd.BATCH_AXES, None, None)),
+              "whole": shd.replicated(mesh)}
 
     def constrain(x, kind):
-        return jax.lax.with_sharding_constraint(x, targets[kind])
+        return jax.lax.with_sharding_constraint(x, pinned[kind])
 
     def loss_fn(params, batch_BxL1):
-        model = nnx.merge(graphdef, nnx.State(params))
+        net = nnx.merge(graphdef, nnx.State(params))
         inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
-        logits_BxLxV = model(inputs_BxL, constrain=constrain)
+        logits_BxLxV = net(inputs_BxL, constrain=constrain)
         losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
         return losses_BxL.mean()
 
