@@ -1,9 +1,11 @@
-"""`python -m research.analyze report SWEEP_DIR... [--out DIR]`
+"""`python -m research.analyze report SWEEP_DIR... [--out DIR]` and `... fit --csv FILE`.
 
 Reads finished runs, prints a table of (params, final val loss) per run and
 the fitted law L(N) = E + A * N^-alpha over non-embedding params N (Kaplan
 et al. 2020's choice: embeddings distort small-model laws), and writes
-report.md, fit.json and PNG plots. Bad input: one line on stderr, exit 2.
+report.md, fit.json and PNG plots. `fit --csv FILE` fits Chinchilla's
+Approach 3 to columns params,tokens,loss and prints one JSON object.
+Bad input: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -79,15 +81,46 @@ def report(dirs: list[str], out: str | None) -> dict:
     return result
 
 
+def fit_csv(path: str, n_boot: int) -> dict:
+    """`fit --csv FILE`: Chinchilla Approach 3 on columns params, tokens, loss."""
+    from research.analysis.chinchilla import fit_approach3
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path)
+    except Exception as err:  # empty or not CSV
+        raise InputError(f"{path}: cannot read as CSV ({type(err).__name__})") from None
+    missing = [c for c in ("params", "tokens", "loss") if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; need params,tokens,loss")
+    try:
+        values = df[["params", "tokens", "loss"]].astype(float)
+    except ValueError:
+        raise InputError(f"{path}: params, tokens and loss must be numbers") from None
+    try:
+        result = fit_approach3(values["params"], values["tokens"], values["loss"], n_boot=n_boot)
+    except ValueError as err:
+        raise InputError(f"{path}: {err}") from None
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m research.analyze", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="table, fitted law and plots for sweep/run dirs")
     rep.add_argument("dirs", nargs="+", help="sweep or run directories")
     rep.add_argument("--out", help="where to write report.md, fit.json, *.png (default: first dir)")
+    fit = sub.add_parser("fit", help="Chinchilla Approach 3 fit of L(N, D) from a CSV; prints JSON")
+    fit.add_argument("--csv", required=True, help="CSV with columns params,tokens,loss (others ignored)")
+    fit.add_argument("--boot", type=int, default=100, help="bootstrap resamples for the CIs (default 100)")
     args = parser.parse_args(argv)
     try:
-        report(args.dirs, args.out)
+        if args.command == "fit":
+            fit_csv(args.csv, args.boot)
+        else:
+            report(args.dirs, args.out)
     except (InputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
