@@ -205,10 +205,12 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
     # -- Summary: everything analysis needs about this run, in one file.
     final_step = int(jax.device_get(state["step"]))
     tps = (final_step - start) * tokens_per_step / train_time if train_time else None
+    mfu = tps * per_token / peak if tps else None
     previous = run_dir / "summary.json"
     if tps is None and previous.exists():  # nothing trained now: keep the figures measured before
         old = json.loads(previous.read_text())
-        tps, train_loss = old.get("tokens_per_s"), train_loss or old.get("final_train_loss")
+        tps, mfu = old.get("tokens_per_s"), old.get("mfu")
+        train_loss = train_loss or old.get("final_train_loss")
     summary = {
         "status": status,
         "final_train_loss": train_loss,
@@ -219,7 +221,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
         "flops_per_token": per_token,
         "steps": final_step,
         "tokens_per_s": tps,
-        "mfu": tps * per_token / peak if tps else None,
+        "mfu": mfu,
         "peak_flops": peak,
         "peak_source": peak_source,
         "compile_s": compile_s,

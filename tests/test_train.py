@@ -68,7 +68,7 @@ def test_rerun_resumes_from_checkpoint(repo, cli_run):
     assert "resumed" in proc.stderr
     assert (cli_run / "metrics.jsonl").read_text() == before  # nothing retrained or duplicated
     summary = json.loads((cli_run / "summary.json").read_text())
-    for key in ("final_val_loss", "final_train_loss", "tokens_per_s", "steps"):
+    for key in ("final_val_loss", "final_train_loss", "tokens_per_s", "mfu", "steps"):
         assert summary[key] == summary_before[key]  # the measured figures survive
 
 
