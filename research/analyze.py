@@ -47,7 +47,8 @@ def report(dirs: list[str], out: str | None) -> dict:
     if ok.empty:
         raise InputError(f"{', '.join(dirs)}: none of the {len(df)} runs completed; nothing to report")
     for _, row in skipped.iterrows():
-        print(f"warning: skipping {row['run_dir']}: status {row['status']}", file=sys.stderr)
+        why = f" ({row['error']})" if isinstance(row.get("error"), str) else ""
+        print(f"warning: skipping {row['run_dir']}: status {row['status']}{why}", file=sys.stderr)
     ok = ok.sort_values([X_COL, "run_dir"]).reset_index(drop=True)
     out_dir = Path(out) if out else Path(dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,9 @@ class TrainConfig:
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
     log_every: int = 10
+    # Compute budget C in FLOPs (IsoFLOP sweeps): when set, `steps` is derived
+    # so that the run spends C model FLOPs (flops.steps_for_budget).
+    flops_budget: float | None = None
 
 
 @dataclass
@@ -110,6 +113,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # One process of an N-process job, started by hand (cluster.py). On SLURM
+    # and TPU pods the same values come from the environment when `auto`.
+    coordinator: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None  # this process's accelerators; null = all
+    auto: bool = True  # detect SLURM (srun tasks) and TPU pods from the environment
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,6 +132,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _typed(raw: DictConfig | dict) -> Config:
@@ -186,7 +201,7 @@ def validate(cfg: Config) -> None:
         if not 0 <= getattr(o, name) < 1:
             raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {getattr(o, name)}")
     _positive("schedule.warmup", s.warmup, zero_ok=True)
-    if s.warmup >= t.steps:
+    if s.warmup >= t.steps and t.flops_budget is None:  # else checked once steps are derived
         raise ConfigError("schedule.warmup", f"{s.warmup} must be < train.steps={t.steps}")
     if not 0 <= s.min_lr_ratio <= 1:
         raise ConfigError("schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
@@ -205,9 +220,31 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"mesh.{name}", f"must be a positive size or -1, got {value}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if t.flops_budget is not None:
+        _positive("train.flops_budget", t.flops_budget)
+    _validate_distributed(cfg.distributed)
     _positive("checkpoint.every", cfg.checkpoint.every, zero_ok=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("checkpoint.keep_every", cfg.checkpoint.keep_every, zero_ok=True)
+
+
+def _validate_distributed(dist: DistributedConfig) -> None:
+    given = {"coordinator": dist.coordinator, "num_processes": dist.num_processes,
+             "process_id": dist.process_id}
+    missing = [k for k, v in given.items() if v is None]
+    if len(missing) == len(given):
+        return
+    if missing:
+        raise ConfigError(f"distributed.{missing[0]}", "required when any of distributed.coordinator, "
+                          "num_processes, process_id is set (all three start one process by hand)")
+    host, _, port = dist.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("distributed.coordinator", f"must be HOST:PORT, got {dist.coordinator!r}")
+    _positive("distributed.num_processes", dist.num_processes)
+    if not 0 <= dist.process_id < dist.num_processes:
+        raise ConfigError("distributed.process_id",
+                          f"must be in 0..{dist.num_processes - 1} (distributed.num_processes="
+                          f"{dist.num_processes}), got {dist.process_id}")
 
 
 def parse(raw: DictConfig | dict) -> Config:

@@ -11,6 +11,7 @@ This matches how nanoGPT's MFU counts, so figures compare across codebases.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.config import ModelConfig, d_ff, d_head
+from research.config import Config, ConfigError, ModelConfig, d_ff, d_head
 
 # Dense bf16 peak FLOP/s per device, from vendor datasheets (no sparsity).
 # Matched as whole words against device_kind, most specific first.
@@ -66,6 +67,27 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 N + 12 L H Q T."""
     n = param_counts(cfg, vocab_size, seq_len)["matmul_params"]
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * d_head(cfg) * seq_len
+
+
+def apply_flops_budget(cfg: Config, vocab_size: int) -> Config:
+    """`cfg` with `train.steps` derived from `train.flops_budget` C, if set.
+
+    steps = round(C / (FLOPs per token * batch * seq_len)): the run spends C
+    model FLOPs (about 6 N D, as in Hoffmann et al. 2022's IsoFLOP profiles),
+    so runs of different sizes in one budget are compared at equal compute.
+    """
+    t = cfg.train
+    if t.flops_budget is None:
+        return cfg
+    per_step = flops_per_token(cfg.model, vocab_size, cfg.data.seq_len) * t.batch_size * cfg.data.seq_len
+    steps = int(round(t.flops_budget / per_step))
+    if steps < 1:
+        raise ConfigError("train.flops_budget", f"{t.flops_budget:.3g} FLOPs is less than one step of this "
+                          f"model ({per_step:.3g} FLOPs at batch {t.batch_size} x seq {cfg.data.seq_len})")
+    if cfg.schedule.warmup >= steps:
+        raise ConfigError("schedule.warmup", f"{cfg.schedule.warmup} must be < the {steps} steps that "
+                          f"train.flops_budget={t.flops_budget:.3g} buys for this model")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, steps=steps))
 
 
 @functools.lru_cache(maxsize=None)

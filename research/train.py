@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
 import jax
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import config, data, flops
+from research import cluster, config, data, flops, sweep
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
@@ -70,15 +73,23 @@ def evaluate(eval_step, params, corpus, cfg: config.Config, batch_sharding) -> f
     return float(np.mean(jax.device_get(losses)))
 
 
-def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
-    """Train one model as configured; write the run directory; return the summary."""
+def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_completed: bool = False) -> dict:
+    """Train one model as configured; write the run directory; return the summary.
+
+    `devices`: the devices to use (default: all, after joining a multi-process
+    job if the config or environment says so). `skip_completed`: return the
+    existing summary, marked "skipped", if the run dir already completed
+    this exact config (how a re-run sweep skips finished jobs).
+    """
     wall0 = time.perf_counter()
     run_dir = Path(run_dir)
 
-    # -- Config, mesh and corpus: every check before anything is compiled.
+    # -- Config, processes, mesh and corpus: every check before anything is compiled.
     cfg = config.parse(raw_cfg)
-    t, seq_len = cfg.train, cfg.data.seq_len
+    if devices is None:
+        cluster.initialize(cfg.distributed)
     devices = list(devices) if devices is not None else jax.devices()
+    t = cfg.train
     mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
     micro_batch = t.batch_size // cfg.optim.accum
     if micro_batch % shd.dp_size(mesh):
@@ -89,6 +100,13 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
         )
     corpus = data.load(cfg.data)
     vocab = corpus.vocab_size
+    cfg = flops.apply_flops_budget(cfg, vocab)
+    t, seq_len = cfg.train, cfg.data.seq_len
+    as_json = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as summary.json holds it
+    if skip_completed and (done := sweep.completed_summary(run_dir, as_json)):
+        if jax.process_index() == 0:
+            print(f"skipped: {run_dir} already completed this config", file=sys.stderr)
+        return {**done, "skipped": True}
     c = cfg.checkpoint
     checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", c.every, c.keep, c.keep_every)
     if checkpointer.steps() and not c.resume:
@@ -227,7 +245,10 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - wall0,
         "devices": len(devices),
+        "processes": jax.process_count(),
         "platform": devices[0].platform,
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "mesh": dict(zip(shd.AXES, mesh.devices.shape)),
         "python_version": platform.python_version(),
         "corpus": corpus.name,
@@ -245,20 +266,54 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = HydraConfig.get().runtime.output_dir
+    """One job. Alone: exit codes as in the README. In a multirun: a job that
+    fails is recorded in the sweep index and the sweep goes on; the job's
+    return value (final val loss, None if it failed) is what sweepers such
+    as Optuna minimise."""
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    multirun = hc.mode == RunMode.MULTIRUN
+    writer = multirun and _process_hint(cfg) == 0
+
+    def index(status: str, **extra) -> None:
+        if writer:
+            job = {"job": hc.job.num, "overrides": list(hc.overrides.task), "run_dir": run_dir}
+            sweep.record(hc.sweep.dir, {**job, "status": status, **extra})
+
+    slots = cluster.local_parallel_slots(hc.launcher) if multirun else None
+    if slots:
+        cluster.pin_local_job(Path(hc.sweep.dir) / ".slots", slots)
+    index("running")
     try:
-        summary = run(cfg, run_dir)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
-    except ckpt.CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CHECKPOINT_FAILED)
-    if summary["status"] == "diverged":
-        sys.exit(EXIT_DIVERGED)
+        summary = run(cfg, run_dir, skip_completed=multirun)
+    except (ConfigError, ckpt.CheckpointError) as err:
+        prefix = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{prefix}: {err}", file=sys.stderr)
+        index("failed", error=f"{prefix}: {err}")
+        if multirun:
+            return None
+        sys.exit(EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_CHECKPOINT_FAILED)
+    except Exception as err:  # anything else (e.g. out of memory): record it, keep the sweep going
+        index("failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        if not multirun:
+            raise
+        traceback.print_exc()
+        return None
+    writer = writer and jax.process_index() == 0
+    index(summary["status"], final_val_loss=summary["final_val_loss"], skipped=summary.get("skipped", False))
     if summary["status"] == "preempted":
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(EXIT_PREEMPTED)  # stops a multirun too: the machine is going away
+    if summary["status"] == "diverged" and not multirun:
+        sys.exit(EXIT_DIVERGED)
     return summary["final_val_loss"]
+
+
+def _process_hint(cfg: DictConfig) -> int:
+    """This process's index before JAX starts: only process 0 writes the sweep index."""
+    try:
+        return cluster.process_id_hint(config.parse(cfg).distributed)
+    except ConfigError:
+        return cluster.process_id_hint(config.DistributedConfig())
 
 
 if __name__ == "__main__":

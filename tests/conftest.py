@@ -12,6 +12,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -47,3 +49,12 @@ TINY = (
     "train.eval_batches=2",
     "schedule.warmup=5",
 )
+
+
+def train_cli(repo: Path, *args: str, env_extra: dict | None = None, devices: int = 1,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m research.train ARGS` in a subprocess with `devices` CPU devices."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "research.train", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout)

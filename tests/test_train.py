@@ -1,27 +1,18 @@
 """End to end: `python -m research.train` writes a complete run directory."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from research import train
-from tests.conftest import TINY, compose
+from tests.conftest import TINY, compose, train_cli as _cli
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"}
 SUMMARY_KEYS = {
     "status", "final_train_loss", "final_val_loss", "params", "non_embedding_params", "tokens",
     "flops", "steps", "tokens_per_s", "mfu", "wall_s", "python_version", "corpus_hash", "peak_source",
 }
-
-
-def _cli(repo, *args, env_extra=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "research.train", *args], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +88,3 @@ def test_grad_accumulation_and_options_train(tmp_path):
     summary = train.run(cfg, tmp_path, devices=jax.devices()[:1])
     assert summary["status"] == "completed"
     assert summary["final_val_loss"] < 5.4
-
-
-def test_multirun_then_report(repo, tmp_path):
-    """The demo's path in miniature: a Hydra multirun, then the analysis report."""
-    sweep = tmp_path / "sweep"
-    proc = _cli(repo, "-m", *TINY, "model.d_model=16,32,64", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summaries = sorted(sweep.glob("*/summary.json"))
-    assert len(summaries) == 3
-    for d in (16, 32, 64):  # the run dir names what was overridden
-        assert sum(f"model.d_model={d}," in p.parent.name for p in summaries) == 1
-    report = subprocess.run([sys.executable, "-m", "research.analyze", "report", str(sweep)],
-                            cwd=repo, capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0, report.stderr
-    assert "alpha =" in report.stdout
-    assert (sweep / "loss_vs_params.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from research.sweep import read_index
+
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -31,13 +33,16 @@ def find_run_dirs(root: str | Path) -> list[Path]:
 def load_runs(*roots: str | Path) -> pd.DataFrame:
     """One row per run below `roots`: status, counts, losses and the flattened config.
 
-    A run without summary.json (still running, or killed) is kept with
-    status "incomplete" so that nothing silently disappears from a sweep.
+    A run without summary.json is kept: with status "failed" and the error
+    when the sweep index (sweep.jsonl) says so, else "incomplete" (still
+    running, or killed), so that nothing silently disappears from a sweep.
     """
     rows = []
     for root in roots:
+        index = {str(Path(e["run_dir"]).resolve()): e for e in read_index(root)}
         for run_dir in find_run_dirs(root):
             path = run_dir / "summary.json"
+            entry = index.pop(str(run_dir.resolve()), {})
             if path.exists():
                 summary = json.loads(path.read_text())
                 config = summary.pop("config", {})
@@ -45,9 +50,19 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
                 summary.pop("mesh", None)
                 row = {"run_dir": str(run_dir), **summary, **_flatten(config)}
             else:
-                row = {"run_dir": str(run_dir), "status": "incomplete"}
+                row = {"run_dir": str(run_dir), "status": _unfinished(entry)}
+            if "error" in entry:
+                row["error"] = entry["error"]
             rows.append(row)
+        for entry in index.values():  # indexed jobs whose directory is gone
+            rows.append({"run_dir": entry["run_dir"], "status": _unfinished(entry),
+                         **({"error": entry["error"]} if "error" in entry else {})})
     return pd.DataFrame(rows)
+
+
+def _unfinished(entry: dict) -> str:
+    """Status of a run with no summary.json, from its sweep-index record (if any)."""
+    return "failed" if entry.get("status") == "failed" else "incomplete"
 
 
 def load_curves(run_dir: str | Path) -> pd.DataFrame:
