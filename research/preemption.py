@@ -1,9 +1,14 @@
-"""Graceful stop on SIGTERM / SIGUSR1, the signals SLURM and TPU maintenance send.
+"""Graceful stop on SIGTERM / SIGUSR1 / SIGUSR2, the signals clusters send.
 
-The handler only sets a flag; the train loop checks it after each step,
-writes a checkpoint, waits for it, and exits with `EXIT_PREEMPTED`. With
-several processes the flag is OR-ed across them, so every process stops at
-the same step and takes part in the same save.
+SLURM and TPU maintenance send SIGTERM (or a configured SIGUSR1); submitit
+sends SIGUSR2 before a job's time limit. The handler only sets a flag; the
+train loop checks it after each step, writes a checkpoint, waits for it,
+and exits with `EXIT_PREEMPTED`. With several processes the flag is OR-ed
+across them, so every process stops at the same step and takes part in the
+same save. Once the checkpoint is on disk, `forward` hands the signal to the
+handler that was installed before ours, if it is Python code: under
+hydra-submitit that handler requeues the job, which then resumes from the
+checkpoint just written.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import threading
 import jax
 import numpy as np
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -51,3 +56,17 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "signal"
+
+
+def forward(name: str | None) -> None:
+    """Call the current Python handler of signal `name` (e.g. submitit's requeue), if any.
+
+    Meant for after `StopRequest` has exited and restored the earlier handlers.
+    The default actions (terminate) are not re-run: the caller exits itself.
+    """
+    if not name:
+        return
+    signum = signal.Signals[name]
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)

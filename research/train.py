@@ -26,12 +26,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import cluster, config, data, flops, sweep
+from research import cluster, config, data, flops, preemption, sweep
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
 from research.logging import RunLogger
-from research.preemption import StopRequest
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
@@ -183,7 +182,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     status, train_loss, val_loss, message = "completed", None, None, None
     train_time, interval_t0, interval_start = 0.0, time.perf_counter(), start
     next_batch = batch_for(start) if start < t.steps else None
-    with StopRequest() as stop:
+    with preemption.StopRequest() as stop:
         for step in range(start, t.steps):
             state, metrics = train_step(state, next_batch)
             if step + 1 < t.steps:
@@ -255,6 +254,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "corpus_hash": corpus.info.get("corpus_hash"),
         "corpus_info": corpus.info,
         "resumed_from": resumed_step,
+        "stop_signal": stop.name if status == "preempted" and stop.signum else None,
         "config": meta["config"],
     }
     logger.summary(summary)
@@ -302,6 +302,7 @@ def main(cfg: DictConfig) -> float | None:
     writer = writer and jax.process_index() == 0
     index(summary["status"], final_val_loss=summary["final_val_loss"], skipped=summary.get("skipped", False))
     if summary["status"] == "preempted":
+        preemption.forward(summary["stop_signal"])  # e.g. submitit requeues the job here
         sys.exit(EXIT_PREEMPTED)  # stops a multirun too: the machine is going away
     if summary["status"] == "diverged" and not multirun:
         sys.exit(EXIT_DIVERGED)

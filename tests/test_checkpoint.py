@@ -133,10 +133,35 @@ def test_sigkill_at_random_moments_then_resume_is_exact(repo, reference, tmp_pat
     _assert_same_run(run_dir, reference)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def _with_earlier_handler(marker: Path, ckpt_dir: Path) -> str:
+    """Python code: install a SIGUSR2 handler (as submitit does, to requeue), then run train."""
+    return (
+        "import runpy, signal\nfrom pathlib import Path\n"
+        "def requeue(signum, frame):  # records which checkpoints existed when it was called\n"
+        f"    Path({str(marker)!r}).write_text(' '.join(p.name for p in Path({str(ckpt_dir)!r}).iterdir()))\n"
+        "signal.signal(signal.SIGUSR2, requeue)\n"
+        "runpy.run_module('research.train', run_name='__main__')\n")
+
+
+def test_stop_request_catches_every_cluster_signal():
+    from research import preemption
+
+    for sig in preemption.SIGNALS:
+        with preemption.StopRequest() as stop:
+            os.kill(os.getpid(), sig)
+            assert stop.requested() and stop.name == sig.name
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2-submitit"])
 def test_preemption_signal_checkpoints_and_exits(repo, reference, tmp_path, signum):
     run_dir = tmp_path / "preempted"
-    proc = _popen(repo, run_dir)
+    handed = tmp_path / "handed-over.txt"
+    if signum == signal.SIGUSR2:  # under submitit: its handler must run after our save
+        code = _with_earlier_handler(handed, run_dir / "checkpoints")
+        proc = subprocess.Popen([sys.executable, "-c", code, *_cmd(run_dir)[3:]], cwd=repo, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    else:
+        proc = _popen(repo, run_dir)
     _wait_rows(run_dir, 7, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -147,6 +172,8 @@ def test_preemption_signal_checkpoints_and_exits(repo, reference, tmp_path, sign
     assert (run_dir / "checkpoints" / str(step) / "state").is_dir()  # waited for the save
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "preempted" and summary["steps"] == step
+    if signum == signal.SIGUSR2:  # the earlier handler ran, after the checkpoint was on disk
+        assert str(step) in handed.read_text().split()
     final = _run(repo, run_dir)
     assert final.returncode == 0, final.stderr[-3000:]
     _assert_same_run(run_dir, reference)
