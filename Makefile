@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO_DIR ?= runs/demo/$(shell date +%Y%m%d-%H%M%S)
+DEMO_DIR ?= runs/demo
 
 .PHONY: install demo test bench clean
 

@@ -61,7 +61,10 @@ def test_every_job_of_every_experiment_is_a_valid_config(name):
     """Large ladders are at least composed and validated, job by job, before anyone queues them."""
     hydra_cfg = _compose_experiment(name).hydra
     assert hydra_cfg.sweeper.params, f"{name}: no hydra.sweeper.params"
-    assert "${now:" not in str(hydra_cfg.sweep.dir)  # a fixed dir: re-running resumes
+    from omegaconf import OmegaConf
+
+    sweep_dir = OmegaConf.to_container(hydra_cfg.sweep, resolve=False)["dir"]
+    assert "${now:" not in sweep_dir, sweep_dir  # a fixed dir: re-running the command resumes
     points = _sweep_points(name)
     assert len(points) >= (1 if name == "lr_search" else 3)
     for point in points:
@@ -165,3 +168,13 @@ def test_optuna_sweeper_minimises_val_loss(repo, tmp_path):
     best = min(entries, key=lambda e: e["final_val_loss"])
     assert result["best_value"] == pytest.approx(best["final_val_loss"])
     assert 1e-4 <= result["best_params"]["optim.lr"] <= 3e-2
+
+
+def test_flops_budget_run_spends_the_budget(tmp_path):
+    budget = 3e9
+    summary = train.run(compose(*TINY, f"train.flops_budget={budget}", "train.eval_every=0"), tmp_path,
+                        devices=jax.devices()[:1])
+    assert summary["status"] == "completed"
+    assert summary["steps"] == round(budget / (summary["flops_per_token"] * 16 * 32))
+    assert summary["flops"] == pytest.approx(budget, rel=0.05)
+    assert summary["config"]["train"]["flops_budget"] == budget
