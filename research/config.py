@@ -91,6 +91,7 @@ class TrainConfig:
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
     log_every: int = 10
+    stats_every: int = 0  # per-layer activation / update RMS every N steps; 0 = off
 
 
 @dataclass
@@ -195,6 +196,7 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "eval_batches", "log_every"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.eval_every", t.eval_every, zero_ok=True)
+    _positive("train.stats_every", t.stats_every, zero_ok=True)
     if t.batch_size % o.accum:
         raise ConfigError(
             "train.batch_size", f"{t.batch_size} is not divisible by optim.accum={o.accum}"
