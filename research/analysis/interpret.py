@@ -1,0 +1,202 @@
+"""Looking inside a trained model: attention maps, attributions, the logit lens, RMS stats.
+
+Every function takes a `research.model.Transformer`, usually the one
+`research.load_run(run_dir)` restores, and the token ids of one text as a
+1-D array (L,). `encode` makes those ids from a string for the byte-level
+corpora (stdlib, synthetic: vocab 256); for `data=tokens` pass your own
+tokenizer's ids. All intermediates come from `Transformer.inspect`, a second
+forward pass beside the training one, so looking costs the trained path nothing.
+
+- `attention_maps`: softmax attention of every layer and head.
+- `integrated_gradients`: attribution of one next-token log-probability to
+  the input tokens' embeddings (Sundararajan, Taly and Yan 2017, "Axiomatic
+  attribution for deep networks"), with its completeness error.
+- `logit_lens`: every layer's residual stream read through the final norm and
+  the unembedding, as if it were the last layer (nostalgebraist 2020,
+  "interpreting GPT: the logit lens").
+- `activation_stats`, `update_stats`: per-layer RMS of the residual stream and
+  of the change of the weights between two checkpoints (`research/stats.py`;
+  training logs the same numbers every `train.stats_every` steps).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research import stats
+from research.model import Transformer
+
+
+def encode(text: str, vocab_size: int = 256) -> np.ndarray:
+    """A string -> its UTF-8 bytes as token ids, int32 (L,), for byte-level vocabularies."""
+    ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+    if len(ids) == 0:
+        raise ValueError("empty text")
+    if ids.max() >= vocab_size:
+        raise ValueError(f"byte {ids.max()} is outside the vocabulary of {vocab_size}; "
+                         "pass token ids from the corpus's own tokenizer instead")
+    return ids
+
+
+def token_labels(tokens_L) -> list[str]:
+    """Printable labels for byte tokens (L,) -> [str] x L: 'a', '␣' for space, '\\n', or '<id>'."""
+    special = {32: "␣", 10: "\\n", 9: "\\t"}
+    return [special.get(int(t), chr(int(t)) if 33 <= int(t) < 127 else f"<{int(t)}>") for t in tokens_L]
+
+
+def _tokens(tokens_L) -> jax.Array:
+    tokens = jnp.asarray(tokens_L, jnp.int32)
+    if tokens.ndim != 1 or tokens.shape[0] == 0:
+        raise ValueError(f"expected token ids of shape (L,), got {tuple(tokens.shape)}")
+    return tokens
+
+
+# ---------------------------------------------------------------- attention
+
+
+@nnx.jit
+def _attention(net, tokens_1xL):
+    return jnp.stack(net.inspect(tokens_1xL).attn)[:, 0]
+
+
+def attention_maps(net: Transformer, tokens_L) -> np.ndarray:
+    """Attention probabilities (n_layers, H, L, L), query x key; each row sums to 1."""
+    return np.asarray(_attention(net, _tokens(tokens_L)[None]))
+
+
+# ---------------------------------------------------------------- integrated gradients
+
+
+class Attribution(NamedTuple):
+    """Integrated gradients of log p(target | tokens[:position + 1]).
+
+    per_token: (L,) attribution of each input token (per_dim summed over D).
+    per_dim: (L, D) attribution of each embedding coordinate.
+    value, baseline_value: the log-probability at the input and at the baseline.
+    gap: |sum(per_token) - (value - baseline_value)| / |value - baseline_value|,
+      the completeness error (0 for the exact integral).
+    """
+
+    per_token: np.ndarray
+    per_dim: np.ndarray
+    value: float
+    baseline_value: float
+    gap: float
+    position: int
+    target: int
+
+
+@nnx.jit
+def _logprob_and_grads(net, tokens_BxL, embeds_BxLxD, position, target):
+    def total(embeds):
+        logits_BxLxV = net.inspect(tokens_BxL, token_embeds_BxLxD=embeds, probs=False).logits_BxLxV
+        logp_B = jax.nn.log_softmax(logits_BxLxV[:, position])[:, target]
+        return logp_B.sum(), logp_B  # sequences are independent: d(sum)/d(embeds[b]) = d(logp[b])
+
+    (_, logp_B), grads_BxLxD = jax.value_and_grad(total, has_aux=True)(embeds_BxLxD)
+    return logp_B, grads_BxLxD
+
+
+def integrated_gradients(net: Transformer, tokens_L, position: int = -1, target: int | None = None,
+                         steps: int = 64, baseline_LxD=None, warp: float = 8.0,
+                         chunk: int = 32) -> Attribution:
+    """Attribute log p(target at position + 1 | tokens[:position + 1]) to the input tokens.
+
+    tokens_L: (L,) ids. position: where the prediction is read (default the last).
+    target: the token whose log-probability is explained (default the model's top choice).
+    The path is the straight line baseline -> input in token-embedding space
+    (positions stay as they are); baseline_LxD defaults to zeros. Returns an `Attribution`.
+
+    steps: points of the path integral, placed at alpha = u^warp for u on the midpoint
+    grid of [0, 1] (weights warp u^(warp-1) / steps): the same integral, sampled densely
+    near the baseline. That is where a pre-norm network changes fastest from a zero
+    baseline: each RMSNorm amplifies a tiny input up to 1/sqrt(eps) = 1000x, so the
+    output moves over alpha ~ 1e-9..1e-5, between points of a uniform grid (on a tiny
+    model, 128 uniform steps left 60% of the difference unexplained; warp 8, 64 steps, 0.01%).
+    warp=1 is the uniform midpoint rule. chunk: path points per batch (memory).
+    """
+    tokens = _tokens(tokens_L)
+    L = tokens.shape[0]
+    position = position % L
+    x_LxD = jnp.take(net.embed[...], tokens, axis=0).astype(jnp.float32)
+    base_LxD = jnp.zeros_like(x_LxD) if baseline_LxD is None else jnp.asarray(baseline_LxD, jnp.float32)
+    if target is None:
+        logits_LxV = net(tokens[None])[0]
+        target = int(jnp.argmax(logits_LxV[position]))
+    ends, _ = _logprob_and_grads(net, jnp.stack([tokens, tokens]),
+                                 jnp.stack([x_LxD, base_LxD]), position, target)
+    u = (np.arange(steps) + 0.5) / steps
+    alphas, weights = u**warp, warp * u ** (warp - 1) / steps
+    grad_sum_LxD = jnp.zeros_like(x_LxD)
+    for lo in range(0, steps, chunk):
+        a_B = jnp.asarray(alphas[lo:lo + chunk], jnp.float32)[:, None, None]
+        path_BxLxD = base_LxD[None] + a_B * (x_LxD - base_LxD)[None]
+        tokens_BxL = jnp.broadcast_to(tokens, (a_B.shape[0], L))
+        _, grads_BxLxD = _logprob_and_grads(net, tokens_BxL, path_BxLxD, position, target)
+        w_B = jnp.asarray(weights[lo:lo + chunk], jnp.float32)[:, None, None]
+        grad_sum_LxD = grad_sum_LxD + (w_B * grads_BxLxD).sum(0)
+    per_dim = np.asarray((x_LxD - base_LxD) * grad_sum_LxD)
+    value, baseline_value = (float(v) for v in ends)
+    delta = value - baseline_value
+    gap = abs(float(per_dim.sum()) - delta) / max(abs(delta), 1e-12)
+    return Attribution(per_dim.sum(-1), per_dim, value, baseline_value, gap, position, int(target))
+
+
+# ---------------------------------------------------------------- logit lens
+
+
+class LogitLens(NamedTuple):
+    """Every residual stream read as if it were the last, for one text.
+
+    top_ids, top_probs: (n_layers + 1, L, k): the k likeliest next tokens per layer and position
+      (layer 0 is the embeddings; layer n_layers is the model's own output).
+    next_logprob: (n_layers + 1, L - 1): log-probability of the token that actually comes next.
+    """
+
+    top_ids: np.ndarray
+    top_probs: np.ndarray
+    next_logprob: np.ndarray
+
+
+@partial(nnx.jit, static_argnums=2)
+def _lens(net, tokens_1xL, k):
+    resid = net.inspect(tokens_1xL, probs=False).resid
+    logp_SxLxV = jnp.stack([jax.nn.log_softmax(net.decode(x)[0]) for x in resid])
+    top_p, top_ids = jax.lax.top_k(jnp.exp(logp_SxLxV), k)
+    nxt = jnp.take_along_axis(logp_SxLxV[:, :-1], tokens_1xL[0, 1:][None, :, None], axis=-1)[..., 0]
+    return top_ids, top_p, nxt
+
+
+def logit_lens(net: Transformer, tokens_L, k: int = 5) -> LogitLens:
+    """The logit lens of tokens (L,) with the top `k` tokens per layer; see `LogitLens`."""
+    return LogitLens(*(np.asarray(a) for a in _lens(net, _tokens(tokens_L)[None], k)))
+
+
+# ---------------------------------------------------------------- RMS statistics
+
+
+@nnx.jit
+def _activations(net, tokens_BxL):
+    return stats.activation_rms(net.inspect(tokens_BxL, probs=False).resid)
+
+
+def activation_stats(net: Transformer, tokens_BxL) -> dict[str, float]:
+    """Tokens (B, L) or (L,) -> {"act_rms/resid{i}": RMS of the residual stream after layer i}.
+
+    resid0 is the embedding output; the same keys training logs every `train.stats_every` steps.
+    """
+    tokens = jnp.asarray(tokens_BxL, jnp.int32)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    return {k: float(v) for k, v in _activations(net, tokens).items()}
+
+
+def update_stats(before: Transformer, after: Transformer) -> dict[str, float]:
+    """Two models of one shape (e.g. two checkpoints) -> {"update_rms/{layer}": RMS of the change}."""
+    pure = [nnx.split(m)[1].to_pure_dict() for m in (before, after)]
+    return {k: float(v) for k, v in stats.update_rms(*pure).items()}
