@@ -21,6 +21,7 @@ forward pass beside the training one, so looking costs the trained path nothing.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import NamedTuple
 
@@ -81,6 +82,7 @@ class Attribution(NamedTuple):
     value, baseline_value: the log-probability at the input and at the baseline.
     gap: |sum(per_token) - (value - baseline_value)| / |value - baseline_value|,
       the completeness error (0 for the exact integral).
+    steps: path points used.
     """
 
     per_token: np.ndarray
@@ -90,22 +92,33 @@ class Attribution(NamedTuple):
     gap: float
     position: int
     target: int
+    steps: int
 
 
 @nnx.jit
 def _logprob_and_grads(net, tokens_BxL, embeds_BxLxD, position, target):
+    """Next-token log-probabilities (B, V) at `position`, and d logp[:, target] / d embeds (B, L, D)."""
     def total(embeds):
         logits_BxLxV = net.inspect(tokens_BxL, token_embeds_BxLxD=embeds, probs=False).logits_BxLxV
-        logp_B = jax.nn.log_softmax(logits_BxLxV[:, position])[:, target]
-        return logp_B.sum(), logp_B  # sequences are independent: d(sum)/d(embeds[b]) = d(logp[b])
+        logp_BxV = jax.nn.log_softmax(logits_BxLxV[:, position])
+        return logp_BxV[:, target].sum(), logp_BxV  # sequences are independent: d(sum)/d(embeds[b]) = d(logp[b])
 
-    (_, logp_B), grads_BxLxD = jax.value_and_grad(total, has_aux=True)(embeds_BxLxD)
-    return logp_B, grads_BxLxD
+    (_, logp_BxV), grads_BxLxD = jax.value_and_grad(total, has_aux=True)(embeds_BxLxD)
+    return logp_BxV, grads_BxLxD
+
+
+def _batched(net, tokens_L, embeds_BxLxD, position, target, chunk):
+    """`_logprob_and_grads` on B <= chunk rows, padded to `chunk` so that one compile serves all calls."""
+    B = embeds_BxLxD.shape[0]
+    padded = jnp.concatenate([embeds_BxLxD, jnp.zeros((chunk - B, *embeds_BxLxD.shape[1:]), embeds_BxLxD.dtype)])
+    tokens_CxL = jnp.broadcast_to(tokens_L, (chunk, tokens_L.shape[0]))
+    logp_CxV, grads_CxLxD = _logprob_and_grads(net, tokens_CxL, padded, position, target)
+    return logp_CxV[:B], grads_CxLxD[:B]
 
 
 def integrated_gradients(net: Transformer, tokens_L, position: int = -1, target: int | None = None,
-                         steps: int = 64, baseline_LxD=None, warp: float = 8.0,
-                         chunk: int = 32) -> Attribution:
+                         steps: int = 64, baseline_LxD=None, tol: float | None = 0.01,
+                         max_steps: int = 1024, warp: float = 8.0, chunk: int = 32) -> Attribution:
     """Attribute log p(target at position + 1 | tokens[:position + 1]) to the input tokens.
 
     tokens_L: (L,) ids. position: where the prediction is read (default the last).
@@ -113,39 +126,49 @@ def integrated_gradients(net: Transformer, tokens_L, position: int = -1, target:
     The path is the straight line baseline -> input in token-embedding space
     (positions stay as they are); baseline_LxD defaults to zeros. Returns an `Attribution`.
 
-    steps: points of the path integral, placed at alpha = u^warp for u on the midpoint
-    grid of [0, 1] (weights warp u^(warp-1) / steps): the same integral, sampled densely
-    near the baseline. That is where a pre-norm network changes fastest from a zero
-    baseline: each RMSNorm amplifies a tiny input up to 1/sqrt(eps) = 1000x, so the
-    output moves over alpha ~ 1e-9..1e-5, between points of a uniform grid (on a tiny
-    model, 128 uniform steps left 60% of the difference unexplained; warp 8, 64 steps, 0.01%).
-    warp=1 is the uniform midpoint rule. chunk: path points per batch (memory).
+    steps: points of the path integral. With `tol`, steps double (up to max_steps) until
+    the completeness gap is below tol, and a warning says if it never is; tol=None: no check.
+    Points sit at alpha = u^warp for u on the midpoint grid of [0, 1] (weights
+    warp u^(warp-1) / steps): the same integral, sampled densely near the baseline.
+    That is where a pre-norm network changes fastest from a zero baseline: each
+    RMSNorm amplifies a tiny input up to 1/sqrt(eps) = 1000x, so the output moves
+    over alpha ~ 1e-9..1e-5, between the points of a uniform grid (on a small trained
+    model 128 uniform steps left 60% of the difference unexplained; warp 8 and 64
+    steps, 0.01%). warp=1 is the uniform midpoint rule. chunk: path points per batch.
     """
     tokens = _tokens(tokens_L)
-    L = tokens.shape[0]
-    position = position % L
+    position = position % tokens.shape[0]
     x_LxD = jnp.take(net.embed[...], tokens, axis=0).astype(jnp.float32)
     base_LxD = jnp.zeros_like(x_LxD) if baseline_LxD is None else jnp.asarray(baseline_LxD, jnp.float32)
-    if target is None:
-        logits_LxV = net(tokens[None])[0]
-        target = int(jnp.argmax(logits_LxV[position]))
-    ends, _ = _logprob_and_grads(net, jnp.stack([tokens, tokens]),
-                                 jnp.stack([x_LxD, base_LxD]), position, target)
+    logp_2xV, _ = _batched(net, tokens, jnp.stack([x_LxD, base_LxD]), position, 0 if target is None else target,
+                           chunk)
+    target = int(jnp.argmax(logp_2xV[0])) if target is None else target
+    value, baseline_value = (float(v) for v in logp_2xV[:, target])
+    delta = value - baseline_value
+    while True:
+        per_dim = np.asarray(_path_integral(net, tokens, x_LxD, base_LxD, position, target, steps, warp, chunk))
+        gap = abs(float(per_dim.sum()) - delta) / max(abs(delta), 1e-12)
+        if tol is None or gap <= tol or steps >= max_steps:
+            break
+        steps *= 2
+    if tol is not None and gap > tol:
+        warnings.warn(f"integrated gradients: completeness gap {gap:.2%} > {tol:.0%} after {steps} steps; "
+                      "raise max_steps", stacklevel=2)
+    return Attribution(per_dim.sum(-1), per_dim, value, baseline_value, gap, position, int(target), steps)
+
+
+def _path_integral(net, tokens, x_LxD, base_LxD, position, target, steps, warp, chunk):
+    """(x - baseline) * the integral of the gradient along the path: (L, D)."""
     u = (np.arange(steps) + 0.5) / steps
     alphas, weights = u**warp, warp * u ** (warp - 1) / steps
     grad_sum_LxD = jnp.zeros_like(x_LxD)
     for lo in range(0, steps, chunk):
         a_B = jnp.asarray(alphas[lo:lo + chunk], jnp.float32)[:, None, None]
         path_BxLxD = base_LxD[None] + a_B * (x_LxD - base_LxD)[None]
-        tokens_BxL = jnp.broadcast_to(tokens, (a_B.shape[0], L))
-        _, grads_BxLxD = _logprob_and_grads(net, tokens_BxL, path_BxLxD, position, target)
+        _, grads_BxLxD = _batched(net, tokens, path_BxLxD, position, target, chunk)
         w_B = jnp.asarray(weights[lo:lo + chunk], jnp.float32)[:, None, None]
         grad_sum_LxD = grad_sum_LxD + (w_B * grads_BxLxD).sum(0)
-    per_dim = np.asarray((x_LxD - base_LxD) * grad_sum_LxD)
-    value, baseline_value = (float(v) for v in ends)
-    delta = value - baseline_value
-    gap = abs(float(per_dim.sum()) - delta) / max(abs(delta), 1e-12)
-    return Attribution(per_dim.sum(-1), per_dim, value, baseline_value, gap, position, int(target))
+    return (x_LxD - base_LxD) * grad_sum_LxD
 
 
 # ---------------------------------------------------------------- logit lens
