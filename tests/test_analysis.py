@@ -16,6 +16,7 @@ import pytest
 
 from research import analyze
 from research.analysis import best_val_loss, completed, fit_loglinear, fit_power_law, load_runs, power_law
+from tests.conftest import RUNS, TOKENS_PER_STEP, TRUE_A, TRUE_ALPHA, TRUE_E, write_law_sweep, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,55 +115,9 @@ def test_fit_rejects_bad_input(x, y):
 # ---------------------------------------------------------------- CLI
 
 
-TRUE_E, TRUE_A, TRUE_ALPHA = 2.0, 60.0, 0.3
-# (name, d_model, n_layers, non-embedding params)
-RUNS = [
-    ("r0", 32, 2, 20_000),
-    ("r1", 64, 2, 80_000),
-    ("r2", 96, 3, 300_000),
-    ("r3", 128, 4, 1_000_000),
-    ("r4", 192, 4, 4_000_000),
-]
-
-
-TOKENS_PER_STEP = 1000
-
-
-def _write_run(root: Path, name: str, d_model: int, n_layers: int, n: int, status: str,
-               final: float | None, steps: int = 200, budget: float | None = None, **extra) -> Path:
-    """A run dir as training writes it (the fields analysis reads), with a made-up curve ending at `final`."""
-    run = root / name
-    run.mkdir(parents=True)
-    summary = {
-        "status": status,
-        "final_val_loss": final,
-        "params": n + 256 * d_model,
-        "non_embedding_params": n,
-        "tokens": steps * TOKENS_PER_STEP,
-        "flops": 6 * n * steps * TOKENS_PER_STEP,
-        "flops_per_token": 6 * n,
-        "config": {"model": {"d_model": d_model, "n_layers": n_layers},
-                   "train": {"steps": steps, "flops_budget": budget}},
-        **extra,
-    }
-    (run / "summary.json").write_text(json.dumps(summary))
-    end = final if final is not None else 5.0
-    logged = sorted({max(1, round(steps * f)) for f in (0.005, 0.05, 0.25, 0.5, 1.0)})
-    rows = [{"step": s, "loss": end + 3.0 / s, "tokens": s * TOKENS_PER_STEP} for s in logged]
-    rows[-1]["val_loss"] = end
-    rows[1]["val_loss"] = end + 0.5
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run
-
-
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
-    root = tmp_path / "sweep"
-    for name, d_model, n_layers, n in RUNS:
-        _write_run(root, name, d_model, n_layers, n, "completed",
-                   float(power_law(n, TRUE_E, TRUE_A, TRUE_ALPHA)))
-    _write_run(root, "r5_diverged", 256, 4, 8_000_000, "diverged", None)
-    return root
+    return write_law_sweep(tmp_path / "sweep")
 
 
 def _cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -257,7 +212,7 @@ def test_report_cli_missing_dir(repo: Path, tmp_path: Path):
 
 def test_report_cli_no_completed_run(repo: Path, tmp_path: Path):
     root = tmp_path / "sweep"
-    _write_run(root, "only_diverged", 64, 2, 100_000, "diverged", None)
+    write_run(root, "only_diverged", 64, 2, 100_000, "diverged", None)
     proc = _cli(repo, "report", str(root))
     assert proc.returncode == 2
     lines = _stderr_lines(proc)
@@ -299,7 +254,7 @@ def _iso_sweep(root: Path, budgets=(1e14, 1e15, 1e16)) -> Path:
             steps = max(10, round(budget / (6 * n) / TOKENS_PER_STEP))
             n = budget / (6 * steps * TOKENS_PER_STEP)  # whole steps: the budget is spent exactly
             loss = ISO["E"] + ISO["A"] / n ** ISO["alpha"] + ISO["B"] / (steps * TOKENS_PER_STEP) ** ISO["beta"]
-            _write_run(root, f"c{budget:.0e}_n{n:.3g}", 64, 2, n, "completed", float(loss), steps=steps,
+            write_run(root, f"c{budget:.0e}_n{n:.3g}", 64, 2, n, "completed", float(loss), steps=steps,
                        budget=budget)
     return root
 
@@ -337,21 +292,21 @@ def test_report_bad_input_is_one_line_exit_2(tmp_path: Path, capsys, case, messa
     root.mkdir()
     if case == "two_runs":
         for name, d, layers, n in RUNS[:2]:
-            _write_run(root, name, d, layers, n, "completed", 3.0)
+            write_run(root, name, d, layers, n, "completed", 3.0)
     elif case == "missing_column":
         for name, d, layers, n in RUNS[:3]:
-            summary = json.loads((_write_run(root, name, d, layers, n, "completed", 3.0) / "summary.json").read_text())
+            summary = json.loads((write_run(root, name, d, layers, n, "completed", 3.0) / "summary.json").read_text())
             del summary["non_embedding_params"]
             (root / name / "summary.json").write_text(json.dumps(summary))
     elif case == "non_positive":
         for name, d, layers, n in RUNS[:3]:
-            _write_run(root, name, d, layers, n, "completed", 3.0)
+            write_run(root, name, d, layers, n, "completed", 3.0)
         summary = json.loads((root / "r1" / "summary.json").read_text())
         summary["params"] = 0
         (root / "r1" / "summary.json").write_text(json.dumps(summary))
     elif case == "missing_metric":
         for name, d, layers, n in RUNS[:3]:
-            run = _write_run(root, name, d, layers, n, "completed", 3.0)
+            run = write_run(root, name, d, layers, n, "completed", 3.0)
         (run / "metrics.jsonl").write_text('{"step": 10, "loss": 3.0}\n')
     elif case == "one_budget":
         _iso_sweep(root, budgets=(1e15,))
