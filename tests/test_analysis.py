@@ -276,6 +276,7 @@ def test_report_isoflop_sweep(tmp_path: Path, capsys):
     assert result["fit"] is None  # L(N) across budgets would mix compute levels: not fitted
     assert "Approach 2" in stdout and f"C^{a2['a']:.4f}" in stdout
     assert (sweep / "isoflop.png").read_bytes()[:8] == PNG_MAGIC
+    assert (sweep / "compute_frontier.png").read_bytes()[:8] == PNG_MAGIC  # with Approach 2's minima
     assert "(isoflop.png)" in (sweep / "report.md").read_text()
 
 

@@ -113,7 +113,8 @@ def compute_frontier(curves: pd.DataFrame, approach1: dict, out: str | Path | No
     if approach2:
         prof = pd.DataFrame(approach2["profiles"])
         ax_n.plot(prof["flops"], prof["n_opt"], "rs", label="IsoFLOP minima")
-        ax_n.plot(cs, approach2["k_N"] * cs ** approach2["a"], "r:", label=f"Approach 2: N_opt ~ C^{approach2['a']:.3f}")
+        ax_n.plot(cs, approach2["k_N"] * cs ** approach2["a"], "r:",
+                  label=f"Approach 2: N_opt ~ C^{approach2['a']:.3f}")
     ax_n.set_xscale("log")
     ax_n.set_yscale("log")
     ax_n.set_xlabel("FLOPs")

@@ -145,7 +145,8 @@ def write_report(dirs: list[str], out: str | None = None) -> dict:
     (out_dir / "fit.json").write_text(json.dumps(_plain(result), indent=2) + "\n")
     md = ["# Ladder report", "", f"Runs: {where}", "", "```", *text, "```", ""]
     if len(skipped):
-        md += ["Left out (did not complete):", ""] + [f"- `{r.run_dir}`: {r.status}" for r in skipped.itertuples()] + [""]
+        md += ["Left out (did not complete):", ""]
+        md += [f"- `{r.run_dir}`: {r.status}" for r in skipped.itertuples()] + [""]
     md += [f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in written]
     (out_dir / "report.md").write_text("\n".join(md))
     for line in warn_lines:
