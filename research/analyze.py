@@ -1,11 +1,9 @@
 """`python -m research.analyze report SWEEP_DIR... [--out DIR]` and `... fit --csv FILE`.
 
-Reads finished runs, prints a table of (params, final val loss) per run and
-the fitted law L(N) = E + A * N^-alpha over non-embedding params N (Kaplan
-et al. 2020's choice: embeddings distort small-model laws), and writes
-report.md, fit.json and PNG plots. `fit --csv FILE` fits Chinchilla's
-Approach 3 to columns params,tokens,loss and prints one JSON object.
-Bad input: one line on stderr, exit 2.
+`report` reads finished runs, prints a table and the fitted laws, and writes
+report.md, fit.json and PNG plots (research/analysis/report.py says which).
+`fit --csv FILE` fits Chinchilla's Approach 3 to columns params,tokens,loss
+and prints one JSON object. Bad input: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -17,69 +15,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from research.analysis import fit_power_law, load_curves, load_runs
-from research.analysis import plots
-
-X_COL = "non_embedding_params"
-
 
 class InputError(ValueError):
     """Bad command-line input; reported as one line with exit code 2."""
 
 
-def _table(df: pd.DataFrame) -> str:
-    cols = ["model.d_model", "model.n_layers", "params", X_COL, "final_val_loss", "status"]
-    cols = [c for c in cols if c in df]
-    view = df[cols].rename(columns={"model.d_model": "d_model", "model.n_layers": "n_layers",
-                                    X_COL: "non_emb_params", "final_val_loss": "val_loss"})
-    return view.to_string(index=False, float_format=lambda v: f"{v:.4f}")
-
-
 def report(dirs: list[str], out: str | None) -> dict:
-    for d in dirs:
-        if not Path(d).is_dir():
-            raise InputError(f"{d}: not a directory")
-    df = load_runs(*dirs)
-    if df.empty:
-        raise InputError(f"{', '.join(dirs)}: no run directories (summary.json or .hydra/) found")
-    ok = df[(df["status"] == "completed") & df.get("final_val_loss", pd.Series(dtype=float)).notna()]
-    skipped = df[~df.index.isin(ok.index)]
-    if ok.empty:
-        raise InputError(f"{', '.join(dirs)}: none of the {len(df)} runs completed; nothing to report")
-    for _, row in skipped.iterrows():
-        why = f" ({row['error']})" if isinstance(row.get("error"), str) else ""
-        print(f"warning: skipping {row['run_dir']}: status {row['status']}{why}", file=sys.stderr)
-    ok = ok.sort_values([X_COL, "run_dir"]).reset_index(drop=True)
-    out_dir = Path(out) if out else Path(dirs[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """`report DIR... [--out DIR]`: see research/analysis/report.py."""
+    from research.analysis.report import write_report
 
-    print(_table(ok))
-    fit = None
-    if len(ok) >= 3:
-        fit = fit_power_law(ok[X_COL], ok["final_val_loss"])
-        print(f"\nL(N) = E + A * N^-alpha over N = non-embedding params ({fit['n']} runs):")
-        print(f"  E = {fit['E']:.4f}   A = {fit['A']:.4g}   alpha = {fit['alpha']:.4f}   "
-              f"rmse(log L) = {fit['rmse_log']:.4f}")
-    else:
-        print(f"\n{len(ok)} completed runs: a law needs at least 3; no fit.")
-
-    size_plot = plots.loss_vs_params(ok, fit, X_COL, out_dir / "loss_vs_params.png")
-    names = {r.run_dir: Path(r.run_dir).name for r in ok.itertuples()}
-    curves = {names[r]: load_curves(r) for r in ok["run_dir"]}
-    sizes = {names[r.run_dir]: getattr(r, X_COL) for r in ok.itertuples()}
-    curve_plot = plots.loss_curves(curves, sizes, out_dir / "loss_curves.png")
-
-    result = {"law": "L(N) = E + A * N^-alpha", "x": X_COL, "fit": fit,
-              "runs": ok[["run_dir", "params", X_COL, "final_val_loss"]].to_dict("records"),
-              "skipped": skipped["run_dir"].tolist()}
-    (out_dir / "fit.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = ["# Ladder report", "", "```", _table(ok), "```", ""]
-    if fit:
-        md += [f"Fit over {fit['n']} runs: L(N) = {fit['E']:.4f} + {fit['A']:.4g} N^-{fit['alpha']:.4f}", ""]
-    md += [f"![loss vs params]({size_plot.name})", "", f"![loss curves]({curve_plot.name})", ""]
-    (out_dir / "report.md").write_text("\n".join(md))
-    print(f"\nwrote {out_dir / 'report.md'}, {out_dir / 'fit.json'}, {size_plot}, {curve_plot}")
-    return result
+    return write_report(dirs, out)
 
 
 def fit_csv(path: str, n_boot: int) -> dict:

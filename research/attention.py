@@ -40,6 +40,17 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK):
     return jnp.concatenate(outs, axis=1)
 
 
+def attention_probs(q_BxLxHxK, k_BxLxHxK):
+    """Causal softmax(q k^T / sqrt(K)) as float32 (B, H, L, L), query x key.
+
+    Materialised on purpose: interpretation reads it; training never calls it.
+    """
+    K, L = q_BxLxHxK.shape[-1], q_BxLxHxK.shape[1]
+    s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32) * K**-0.5
+    visible_LxL = jnp.tril(jnp.ones((L, L), bool))
+    return jax.nn.softmax(jnp.where(visible_LxL, s_BxHxLxL, -jnp.inf), axis=-1)
+
+
 def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
     """Dispatch on `model.attention` (auto | xla | chunked)."""
     if kind == "auto":

@@ -94,6 +94,7 @@ class TrainConfig:
     # Compute budget C in FLOPs (IsoFLOP sweeps): when set, `steps` is derived
     # so that the run spends C model FLOPs (flops.steps_for_budget).
     flops_budget: float | None = None
+    stats_every: int = 0  # per-layer activation / update RMS every N steps; 0 = off
 
 
 @dataclass
@@ -210,6 +211,7 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "eval_batches", "log_every"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.eval_every", t.eval_every, zero_ok=True)
+    _positive("train.stats_every", t.stats_every, zero_ok=True)
     if t.batch_size % o.accum:
         raise ConfigError(
             "train.batch_size", f"{t.batch_size} is not divisible by optim.accum={o.accum}"

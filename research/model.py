@@ -18,13 +18,13 @@ in float32 and cast to `model.dtype` where they are used.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.attention import causal_attention
+from research.attention import attention_probs, causal_attention
 from research.config import ModelConfig, d_ff, d_head
 
 # constrain(x, kind) pins a sharding: kind "act" for the (B, L, D) residual
@@ -91,7 +91,7 @@ class Block(nnx.Module):
     def _w(self, p: nnx.Param) -> jax.Array:
         return p[...].astype(self.dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, rope: tuple | None) -> jax.Array:
+    def _qkv(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         B, L, D = x_BxLxD.shape
         H = self.n_heads
         h_NxD = self.attn_norm(x_BxLxD.reshape(B * L, D))
@@ -101,11 +101,43 @@ class Block(nnx.Module):
         if rope is not None:
             q_BxLxHxK = apply_rope(q_BxLxHxK, *rope)
             k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)
-        o_BxLxHxK = causal_attention(self.attention, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+        return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
+
+    def _rest(self, x_BxLxD: jax.Array, o_BxLxHxK: jax.Array) -> jax.Array:
+        """Everything after attention: output projection, residual, MLP."""
+        B, L, D = x_BxLxD.shape
         x_NxD = x_BxLxD.reshape(B * L, D) + o_BxLxHxK.reshape(B * L, -1) @ self._w(self.wo)
         h_NxF = jax.nn.gelu(self.mlp_norm(x_NxD) @ self._w(self.w_in))
         x_NxD = x_NxD + h_NxF @ self._w(self.w_out)
         return x_NxD.reshape(B, L, D)
+
+    def __call__(self, x_BxLxD: jax.Array, rope: tuple | None) -> jax.Array:
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, rope)
+        return self._rest(x_BxLxD, causal_attention(self.attention, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+
+    def inspect(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array]:
+        """`__call__` with the attention probabilities materialised: (x_BxLxD, p_BxHxLxL float32).
+
+        For interpretation only: the (L, L) matrices cost memory the training kernels avoid.
+        """
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, rope)
+        p_BxHxLxL = attention_probs(q_BxLxHxK, k_BxLxHxK)
+        o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL.astype(v_BxLxHxK.dtype), v_BxLxHxK)
+        return self._rest(x_BxLxD, o_BxLxHxK), p_BxHxLxL
+
+
+class Inspection(NamedTuple):
+    """What `Transformer.inspect` returns.
+
+    logits_BxLxV: next-token logits (float32), equal to `Transformer.__call__`'s up to kernel rounding.
+    resid: n_layers + 1 residual streams (B, L, D): [0] after the embeddings (and learned
+      positions), [i] after block i.
+    attn: n_layers attention probabilities (B, H, L, L) float32, query x key, rows sum to 1.
+    """
+
+    logits_BxLxV: jax.Array
+    resid: list[jax.Array]
+    attn: list[jax.Array]
 
 
 class Transformer(nnx.Module):
@@ -123,34 +155,68 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std)
 
-    def __call__(self, tokens_BxL: jax.Array, constrain: Constrain | None = None) -> jax.Array:
-        """`constrain` (optional, see `Constrain`) pins shardings under a mesh."""
-        constrain = constrain or (lambda x, kind: x)
-        B, L = tokens_BxL.shape
-        cfg = self.cfg
+    def _embed(self, tokens_BxL: jax.Array, constrain: Constrain) -> jax.Array:
         # A gather cannot read a sharded table efficiently: gather the table first.
         table_VxD = constrain(self.embed[...], "whole")
-        x_BxLxD = constrain(jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype), "act")
-        rope = None
-        if cfg.pos == "learned":
-            x_BxLxD = x_BxLxD + self.pos_embed[:L].astype(self.dtype)[None]
-        else:
-            rope = rope_tables(L, d_head(cfg), cfg.rope_theta)
+        return constrain(jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype), "act")
 
-        def run_block(block: Block, x: jax.Array) -> jax.Array:
-            return block(x, rope)
+    def _positions(self, x_BxLxD: jax.Array) -> tuple[jax.Array, tuple | None]:
+        """Add learned positions, or return the RoPE tables the blocks apply."""
+        L = x_BxLxD.shape[1]
+        if self.cfg.pos == "learned":
+            return x_BxLxD + self.pos_embed[:L].astype(self.dtype)[None], None
+        return x_BxLxD, rope_tables(L, d_head(self.cfg), self.cfg.rope_theta)
 
-        if cfg.remat == "block":
-            run_block = nnx.remat(run_block)
-        for layer in range(cfg.n_layers):
-            # ALBERT-style sharing: layer i reuses block i mod share_layers.
-            x_BxLxD = constrain(run_block(self.blocks[layer % len(self.blocks)], x_BxLxD), "act")
+    def decode(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Final norm and unembedding: residual stream (B, L, D) -> logits (B, L, V) float32.
+
+        Applied to an intermediate layer's residual stream it is the logit lens.
+        """
+        B, L, _ = x_BxLxD.shape
         h_NxD = self.final_norm(x_BxLxD.reshape(B * L, -1))
-        if cfg.tie_embeddings:
+        if self.cfg.tie_embeddings:
             logits_NxV = h_NxD @ self.embed[...].astype(self.dtype).T
         else:
             logits_NxV = h_NxD @ self.unembed[...].astype(self.dtype)
         return logits_NxV.astype(jnp.float32).reshape(B, L, -1)
+
+    def __call__(self, tokens_BxL: jax.Array, constrain: Constrain | None = None) -> jax.Array:
+        """`constrain` (optional, see `Constrain`) pins shardings under a mesh."""
+        constrain = constrain or (lambda x, kind: x)
+        x_BxLxD, rope = self._positions(self._embed(tokens_BxL, constrain))
+
+        def run_block(block: Block, x: jax.Array) -> jax.Array:
+            return block(x, rope)
+
+        if self.cfg.remat == "block":
+            run_block = nnx.remat(run_block)
+        for layer in range(self.cfg.n_layers):
+            # ALBERT-style sharing: layer i reuses block i mod share_layers.
+            x_BxLxD = constrain(run_block(self.blocks[layer % len(self.blocks)], x_BxLxD), "act")
+        return self.decode(x_BxLxD)
+
+    def inspect(self, tokens_BxL: jax.Array, token_embeds_BxLxD: jax.Array | None = None,
+                probs: bool = True) -> Inspection:
+        """The forward pass with its intermediates (see `Inspection`), for interpretation.
+
+        `token_embeds_BxLxD`, if given, replaces the token-embedding lookup (positions are
+        still added): integrated gradients moves along a path in that space.
+        `probs=False` keeps the training attention kernel and returns `attn=[]`: the
+        residual streams without the (L, L) probability matrices' memory.
+        """
+        if token_embeds_BxLxD is None:
+            token_embeds_BxLxD = self._embed(tokens_BxL, lambda x, kind: x)
+        x_BxLxD, rope = self._positions(token_embeds_BxLxD.astype(self.dtype))
+        resid, attn = [x_BxLxD], []
+        for layer in range(self.cfg.n_layers):
+            block = self.blocks[layer % len(self.blocks)]
+            if probs:
+                x_BxLxD, p_BxHxLxL = block.inspect(x_BxLxD, rope)
+                attn.append(p_BxHxLxL)
+            else:
+                x_BxLxD = block(x_BxLxD, rope)
+            resid.append(x_BxLxD)
+        return Inspection(self.decode(x_BxLxD), resid, attn)
 
 
 def build(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int) -> Transformer:

@@ -31,6 +31,7 @@ from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
 from research.logging import RunLogger
+from research.stats import StatsStep
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
@@ -162,6 +163,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh
     ).lower(state, batch_for(start)).compile()
     eval_step = steplib.make_eval_step(loss_fn, plan.param_shardings, mesh)
+    stats_step = (StatsStep(plan.graphdef, plan.param_shardings, mesh, state["params"], batch_for(start))
+                  if t.stats_every else None)
     compile_s = time.perf_counter() - t0
 
     # -- Accounting: params, FLOPs per token, the peak MFU divides by.
@@ -184,7 +187,11 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     next_batch = batch_for(start) if start < t.steps else None
     with preemption.StopRequest() as stop:
         for step in range(start, t.steps):
-            state, metrics = train_step(state, next_batch)
+            batch = next_batch
+            # Per-layer stats need the params from before the step, which the step donates.
+            snapshot = (stats_step.snapshot(state["params"])
+                        if stats_step and (step + 1) % t.stats_every == 0 else None)
+            state, metrics = train_step(state, batch)
             if step + 1 < t.steps:
                 next_batch = batch_for(step + 1)  # built while the device runs this step
             done = step + 1
@@ -195,6 +202,11 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                 message = (f"diverged: non-finite {'loss' if not np.isfinite(loss) else 'grad norm'} at step "
                            f"{done}; last checkpoint: step {(checkpointer.steps() or ['none'])[-1]}")
                 break
+            stats_row = {}
+            if snapshot is not None:  # its time is not training time: keep it out of tokens/s
+                stats_t0 = time.perf_counter()
+                stats_row = jax.device_get(stats_step.stats(snapshot, state["params"], batch))
+                interval_t0 += time.perf_counter() - stats_t0
             row = {}
             if done % t.log_every == 0 or done == t.steps:
                 elapsed = time.perf_counter() - interval_t0
@@ -206,8 +218,9 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                 logger.progress(done, loss, tps)
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 row["val_loss"] = val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
+            if row or stats_row:
+                logger.log(done, {**row, **stats_row})
             if row:
-                logger.log(done, row)
                 interval_t0, interval_start = time.perf_counter(), done
             preempted = stop.requested()
             checkpointer.maybe_save(done, state, meta, force=done == t.steps or preempted)

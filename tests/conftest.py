@@ -27,6 +27,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -73,3 +74,51 @@ def train_cli(repo: Path, *args: str, env_extra: dict | None = None, devices: in
            **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "research.train", *args], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=timeout)
+# A run directory written by hand: the files analysis reads, following a chosen law, in milliseconds.
+TOKENS_PER_STEP = 1000
+
+
+def write_run(root: Path, name: str, d_model: int, n_layers: int, n: int, status: str,
+              final: float | None, steps: int = 200, budget: float | None = None, **extra) -> Path:
+    """A run dir as training writes it (the fields analysis reads), with a made-up curve ending at `final`."""
+    run = root / name
+    run.mkdir(parents=True)
+    summary = {
+        "status": status,
+        "final_val_loss": final,
+        "params": n + 256 * d_model,
+        "non_embedding_params": n,
+        "tokens": steps * TOKENS_PER_STEP,
+        "flops": 6 * n * steps * TOKENS_PER_STEP,
+        "flops_per_token": 6 * n,
+        "config": {"model": {"d_model": d_model, "n_layers": n_layers},
+                   "train": {"steps": steps, "flops_budget": budget}},
+        **extra,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    end = final if final is not None else 5.0
+    logged = sorted({max(1, round(steps * f)) for f in (0.005, 0.05, 0.25, 0.5, 1.0)})
+    rows = [{"step": s, "loss": end + 3.0 / s, "tokens": s * TOKENS_PER_STEP} for s in logged]
+    rows[-1]["val_loss"] = end
+    rows[1]["val_loss"] = end + 0.5
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+TRUE_E, TRUE_A, TRUE_ALPHA = 2.0, 60.0, 0.3
+# (name, d_model, n_layers, non-embedding params)
+RUNS = [
+    ("r0", 32, 2, 20_000),
+    ("r1", 64, 2, 80_000),
+    ("r2", 96, 3, 300_000),
+    ("r3", 128, 4, 1_000_000),
+    ("r4", 192, 4, 4_000_000),
+]
+
+
+def write_law_sweep(root: Path) -> Path:
+    """RUNS completed with final loss E + A N^-alpha (TRUE_*), and one diverged run."""
+    for name, d_model, n_layers, n in RUNS:
+        write_run(root, name, d_model, n_layers, n, "completed", float(TRUE_E + TRUE_A * n**-TRUE_ALPHA))
+    write_run(root, "r5_diverged", 256, 4, 8_000_000, "diverged", None)
+    return root

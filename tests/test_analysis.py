@@ -1,4 +1,8 @@
-"""Scaling-law fit and the `python -m research.analyze report` CLI on a hand-made sweep."""
+"""Scaling-law fits, the runs table and the `python -m research.analyze report` CLI on hand-made sweeps.
+
+Sweeps here are written to disk directly (summary.json + metrics.jsonl that
+follow a known law): no training, so these tests take seconds.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from research.analysis import fit_power_law, power_law
+from research import analyze
+from research.analysis import best_val_loss, completed, fit_loglinear, fit_power_law, load_runs, power_law
+from tests.conftest import RUNS, TOKENS_PER_STEP, TRUE_A, TRUE_ALPHA, TRUE_E, write_law_sweep, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,6 +70,31 @@ def test_fit_independent_of_row_order():
     assert fit_list["alpha"] == pytest.approx(fit["alpha"], rel=1e-9)
 
 
+def test_fit_bootstrap_ci_covers_truth_and_ignores_row_order():
+    E, A, alpha = 1.7, 400.0, 0.35
+    x, y = _noisy_law(E, A, alpha, n=20, noise=0.01)
+    fit = fit_power_law(x, y, n_boot=100)
+    for key, true in (("E", E), ("A", A), ("alpha", alpha)):
+        lo, hi = fit["ci"][key]
+        assert lo <= fit[key] <= hi, key
+        assert lo <= true <= hi, key
+    assert fit["ci"]["alpha"][1] - fit["ci"]["alpha"][0] < 0.3  # informative, not [0, 5]
+    perm = np.random.default_rng(2).permutation(len(x))
+    assert fit_power_law(x[perm], y[perm], n_boot=100)["ci"] == fit["ci"]
+    assert "ci" not in fit_power_law(x, y)
+
+
+def test_loglinear_recovers_exponent():
+    x = np.geomspace(1e15, 1e20, 9)
+    y = 0.3 * x**0.49 * np.exp(0.01 * np.random.default_rng(0).standard_normal(9))
+    fit = fit_loglinear(x, y, n_boot=50)
+    assert fit["a"] == pytest.approx(0.49, abs=0.01)
+    assert fit["ci"]["a"][0] < 0.49 < fit["ci"]["a"][1]
+    assert fit_loglinear(x[::-1], y[::-1]) == fit_loglinear(x, y)
+    with pytest.raises(ValueError, match="2 distinct"):
+        fit_loglinear([1e3, 1e3], [1.0, 2.0])
+
+
 @pytest.mark.parametrize(
     "x, y",
     [
@@ -84,43 +115,9 @@ def test_fit_rejects_bad_input(x, y):
 # ---------------------------------------------------------------- CLI
 
 
-TRUE_E, TRUE_A, TRUE_ALPHA = 2.0, 60.0, 0.3
-# (name, d_model, n_layers, non-embedding params)
-RUNS = [
-    ("r0", 32, 2, 20_000),
-    ("r1", 64, 2, 80_000),
-    ("r2", 96, 3, 300_000),
-    ("r3", 128, 4, 1_000_000),
-    ("r4", 192, 4, 4_000_000),
-]
-
-
-def _write_run(root: Path, name: str, d_model: int, n_layers: int, n: int, status: str,
-               final: float | None) -> Path:
-    run = root / name
-    run.mkdir(parents=True)
-    summary = {
-        "status": status,
-        "final_val_loss": final,
-        "params": n + 256 * d_model,
-        "non_embedding_params": n,
-        "config": {"model": {"d_model": d_model, "n_layers": n_layers}},
-    }
-    (run / "summary.json").write_text(json.dumps(summary))
-    end = final if final is not None else 5.0
-    rows = [{"step": s, "loss": end + 3.0 / s} for s in (1, 10, 50, 100, 200)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run
-
-
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
-    root = tmp_path / "sweep"
-    for name, d_model, n_layers, n in RUNS:
-        _write_run(root, name, d_model, n_layers, n, "completed",
-                   float(power_law(n, TRUE_E, TRUE_A, TRUE_ALPHA)))
-    _write_run(root, "r5_diverged", 256, 4, 8_000_000, "diverged", None)
-    return root
+    return write_law_sweep(tmp_path / "sweep")
 
 
 def _cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -150,10 +147,12 @@ def test_report_cli(repo: Path, sweep: Path, tmp_path: Path):
     assert "8000000" not in stdout
     assert "alpha =" in stdout
 
-    for name in ("report.md", "fit.json", "loss_vs_params.png", "loss_curves.png"):
+    for name in ("report.md", "fit.json", "loss_vs_params.png", "loss_curves.png", "compute_frontier.png"):
         assert (out / name).is_file(), name
-    for png in ("loss_vs_params.png", "loss_curves.png"):
+    for png in ("loss_vs_params.png", "loss_curves.png", "compute_frontier.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "isoflop.png").exists()  # not an isoFLOP sweep
+    assert f"wrote {out / 'report.md'}" in stdout
     assert not (sweep / "report.md").exists()  # --out was honoured
 
     result = json.loads((out / "fit.json").read_text())
@@ -162,19 +161,25 @@ def test_report_cli(repo: Path, sweep: Path, tmp_path: Path):
     assert fit["alpha"] == pytest.approx(TRUE_ALPHA, rel=0.02)
     assert fit["E"] == pytest.approx(TRUE_E, rel=0.02)
     assert fit["A"] == pytest.approx(TRUE_A, rel=0.05)
+    assert fit["ci"]["alpha"][0] <= fit["alpha"] <= fit["ci"]["alpha"][1]
     # The alpha printed is the one saved.
     assert f"alpha = {fit['alpha']:.4f}" in stdout
+    assert "Approach 1" in stdout and "approach1" in result and "a" in result["approach1"]
+    assert "Approach 2" not in stdout and "approach2" not in result
 
     run_names = [Path(r["run_dir"]).name for r in result["runs"]]
     assert run_names == [name for name, *_ in RUNS]  # sorted by size
     assert [r["non_embedding_params"] for r in result["runs"]] == [n for *_, n in RUNS]
-    skipped = [Path(p).name for p in result["skipped"]]
+    skipped = [Path(p["run_dir"]).name for p in result["skipped"]]
     assert skipped == ["r5_diverged"]
+    assert result["skipped"][0]["status"] == "diverged"
+    assert "r5_diverged" in proc.stderr  # said, not silently dropped
     assert "r5_diverged" not in run_names
 
     report = (out / "report.md").read_text()
-    assert "loss_vs_params.png" in report and "loss_curves.png" in report
-    assert f"{fit['alpha']:.4f}" in report
+    for png in ("loss_vs_params.png", "loss_curves.png", "compute_frontier.png"):
+        assert f"({png})" in report
+    assert f"{fit['alpha']:.4f}" in report and "r5_diverged" in report
 
 
 def test_report_cli_defaults_out_to_first_dir(repo: Path, sweep: Path):
@@ -207,9 +212,106 @@ def test_report_cli_missing_dir(repo: Path, tmp_path: Path):
 
 def test_report_cli_no_completed_run(repo: Path, tmp_path: Path):
     root = tmp_path / "sweep"
-    _write_run(root, "only_diverged", 64, 2, 100_000, "diverged", None)
+    write_run(root, "only_diverged", 64, 2, 100_000, "diverged", None)
     proc = _cli(repo, "report", str(root))
     assert proc.returncode == 2
     lines = _stderr_lines(proc)
     assert len(lines) == 1 and "completed" in lines[0], proc.stderr
+    assert not (root / "report.md").exists()
+
+
+# ---------------------------------------------------------------- runs table
+
+
+def test_runs_table_keeps_every_run_and_best_val_loss(sweep: Path):
+    df = load_runs(sweep)
+    assert len(df) == len(RUNS) + 1  # the diverged run is a row too
+    row = df[df["run_dir"].str.endswith("r0")].iloc[0]
+    final = power_law(20_000, TRUE_E, TRUE_A, TRUE_ALPHA)
+    assert row["best_val_loss"] == pytest.approx(final)  # min over the two logged val losses
+    for col in ("params", "non_embedding_params", "tokens", "flops", "final_val_loss", "status",
+                "model.d_model", "train.steps"):
+        assert col in df, col
+    assert best_val_loss(sweep / "r5_diverged") == pytest.approx(5.0)
+    with pytest.warns(UserWarning, match="r5_diverged.*diverged"):
+        ok = completed(df, "final_val_loss")
+    assert len(ok) == len(RUNS)
+
+
+# ---------------------------------------------------------------- report: isoFLOP sweeps, bad input
+# In process (`analyze.main`): the same code path as the CLI, without a second interpreter.
+
+# Law in (N, D) whose isoFLOP valleys are known; C = 6 N D as in the fixture's accounting.
+ISO = {"E": 1.8, "A": 300.0, "B": 500.0, "alpha": 0.32, "beta": 0.30}
+ISO_A = ISO["beta"] / (ISO["alpha"] + ISO["beta"])
+
+
+def _iso_sweep(root: Path, budgets=(1e14, 1e15, 1e16)) -> Path:
+    g = (ISO["alpha"] * ISO["A"] / (ISO["beta"] * ISO["B"])) ** (1 / (ISO["alpha"] + ISO["beta"]))
+    for budget in budgets:
+        for k in np.geomspace(0.2, 5.0, 5):
+            n = g * (budget / 6) ** ISO_A * k
+            steps = max(10, round(budget / (6 * n) / TOKENS_PER_STEP))
+            n = budget / (6 * steps * TOKENS_PER_STEP)  # whole steps: the budget is spent exactly
+            loss = ISO["E"] + ISO["A"] / n ** ISO["alpha"] + ISO["B"] / (steps * TOKENS_PER_STEP) ** ISO["beta"]
+            write_run(root, f"c{budget:.0e}_n{n:.3g}", 64, 2, n, "completed", float(loss), steps=steps,
+                       budget=budget)
+    return root
+
+
+def _main(capsys, *args) -> tuple[int, str, list[str]]:
+    code = analyze.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, [ln for ln in captured.err.splitlines() if ln.strip()]
+
+
+def test_report_isoflop_sweep(tmp_path: Path, capsys):
+    sweep = _iso_sweep(tmp_path / "iso")
+    code, stdout, _ = _main(capsys, "report", str(sweep))
+    assert code == 0
+    result = json.loads((sweep / "fit.json").read_text())
+    a2 = result["approach2"]
+    assert a2["a"] == pytest.approx(ISO_A, rel=0.05)
+    assert [p["flops"] for p in a2["profiles"]] == [1e14, 1e15, 1e16]
+    assert result["fit"] is None  # L(N) across budgets would mix compute levels: not fitted
+    assert "Approach 2" in stdout and f"C^{a2['a']:.4f}" in stdout
+    assert (sweep / "isoflop.png").read_bytes()[:8] == PNG_MAGIC
+    assert (sweep / "compute_frontier.png").read_bytes()[:8] == PNG_MAGIC  # with Approach 2's minima
+    assert "(isoflop.png)" in (sweep / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no run directories"),
+    ("two_runs", "at least 3 completed runs"),
+    ("missing_column", "missing column(s) non_embedding_params"),
+    ("non_positive", "params must be positive"),
+    ("missing_metric", "no 'tokens' column"),
+    ("one_budget", "at least 2 budgets"),
+])
+def test_report_bad_input_is_one_line_exit_2(tmp_path: Path, capsys, case, message):
+    root = tmp_path / case
+    root.mkdir()
+    if case == "two_runs":
+        for name, d, layers, n in RUNS[:2]:
+            write_run(root, name, d, layers, n, "completed", 3.0)
+    elif case == "missing_column":
+        for name, d, layers, n in RUNS[:3]:
+            summary = json.loads((write_run(root, name, d, layers, n, "completed", 3.0) / "summary.json").read_text())
+            del summary["non_embedding_params"]
+            (root / name / "summary.json").write_text(json.dumps(summary))
+    elif case == "non_positive":
+        for name, d, layers, n in RUNS[:3]:
+            write_run(root, name, d, layers, n, "completed", 3.0)
+        summary = json.loads((root / "r1" / "summary.json").read_text())
+        summary["params"] = 0
+        (root / "r1" / "summary.json").write_text(json.dumps(summary))
+    elif case == "missing_metric":
+        for name, d, layers, n in RUNS[:3]:
+            run = write_run(root, name, d, layers, n, "completed", 3.0)
+        (run / "metrics.jsonl").write_text('{"step": 10, "loss": 3.0}\n')
+    elif case == "one_budget":
+        _iso_sweep(root, budgets=(1e15,))
+    code, _, err = _main(capsys, "report", str(root))
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (root / "report.md").exists()

@@ -110,7 +110,7 @@ def test_multirun_records_failures_resumes_and_runs_jobs_independently(repo, tmp
     report = subprocess.run([sys.executable, "-m", "research.analyze", "report", str(sweep_dir)],
                             cwd=repo, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
-    assert "status failed (config error: model.d_model: 30" in report.stderr
+    assert "status failed: config error: model.d_model: 30" in report.stderr
     assert "alpha =" in report.stdout
 
     # The same command again: finished jobs are skipped, an interrupted one resumes.

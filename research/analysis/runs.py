@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -33,9 +35,13 @@ def find_run_dirs(root: str | Path) -> list[Path]:
 def load_runs(*roots: str | Path) -> pd.DataFrame:
     """One row per run below `roots`: status, counts, losses and the flattened config.
 
-    A run without summary.json is kept: with status "failed" and the error
+    Columns: run_dir, status, params, non_embedding_params, tokens, flops, final_val_loss,
+    best_val_loss (lowest val_loss in metrics.jsonl), ... and every config field as
+    "group.field" (e.g. model.d_model). Curves on demand: `load_curves(row.run_dir)`.
+    A run without summary.json is kept: with status "failed" and its `error`
     when the sweep index (sweep.jsonl) says so, else "incomplete" (still
-    running, or killed), so that nothing silently disappears from a sweep.
+    running, or killed), so that nothing silently disappears from a sweep;
+    `completed` picks the rows a fit may use.
     """
     rows = []
     for root in roots:
@@ -57,7 +63,42 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
         for entry in index.values():  # indexed jobs whose directory is gone
             rows.append({"run_dir": entry["run_dir"], "status": _unfinished(entry),
                          **({"error": entry["error"]} if "error" in entry else {})})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["best_val_loss"] = [best_val_loss(d) for d in df["run_dir"]]
+    return df
+
+
+def best_val_loss(run_dir: str | Path) -> float:
+    """The lowest val_loss logged in a run's metrics.jsonl (NaN if none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    best = math.nan
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                value = json.loads(line).get("val_loss")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a half-written last line of a killed run
+            if isinstance(value, (int, float)) and math.isfinite(value) and (math.isnan(best) or value < best):
+                best = float(value)
+    return best
+
+
+def completed(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """The rows a fit may use: status "completed" and every named column finite.
+
+    Every other row is left out with a warning naming its run_dir and why.
+    """
+    keep = df.get("status", pd.Series("incomplete", index=df.index)) == "completed"
+    for col in columns:
+        values = pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(math.nan, index=df.index)
+        keep &= values.notna() & values.abs().ne(math.inf)
+    for _, row in df[~keep].iterrows():
+        error = f": {row['error']}" if isinstance(row.get("error"), str) else ""
+        why = f"status {row.get('status')}{error}" if row.get("status") != "completed" else \
+            f"no value for {', '.join(c for c in columns if pd.isna(row.get(c)))}"
+        warnings.warn(f"left out of fits: {row['run_dir']} ({why})", stacklevel=2)
+    return df[keep]
 
 
 def _unfinished(entry: dict) -> str:
@@ -66,7 +107,12 @@ def _unfinished(entry: dict) -> str:
 
 
 def load_curves(run_dir: str | Path) -> pd.DataFrame:
-    """metrics.jsonl of one run as a DataFrame (one row per logged step)."""
+    """metrics.jsonl of one run as a DataFrame (one row per logged step; columns step, loss, ...)."""
     path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # blank, or the half-written last line of a killed run
     return pd.DataFrame(rows)
