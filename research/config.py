@@ -25,6 +25,7 @@ POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block")
 ATTENTIONS = ("auto", "xla", "chunked")
+PARAMETERIZATIONS = ("sp", "mup", "completep")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParamConfig:
+    """How init, forward multipliers and per-parameter lr scale with size (see param.py)."""
+
+    name: str = "sp"  # sp | mup | completep
+    base_width: int = 128  # d_model at which mup and completep equal sp
+    base_depth: int = 2  # n_layers at which completep equals mup (completep only)
+    base_head_dim: int | None = None  # head dim at base width; None = base_width / model.n_heads
+    alpha: float = 1.0  # completep: residual branches x (base_depth / n_layers)^alpha
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,6 +130,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    param: ParamConfig = field(default_factory=ParamConfig)
 
 
 def _typed(raw: DictConfig | dict) -> Config:
@@ -205,9 +218,24 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"mesh.{name}", f"must be a positive size or -1, got {value}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _validate_param(cfg.param, m)
     _positive("checkpoint.every", cfg.checkpoint.every, zero_ok=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("checkpoint.keep_every", cfg.checkpoint.keep_every, zero_ok=True)
+
+
+def _validate_param(p: ParamConfig, m: ModelConfig) -> None:
+    _one_of("param.name", p.name, PARAMETERIZATIONS)
+    _positive("param.base_width", p.base_width)
+    _positive("param.base_depth", p.base_depth)
+    if p.base_head_dim is not None:
+        _positive("param.base_head_dim", p.base_head_dim)
+    elif p.name != "sp" and p.base_width % m.n_heads:
+        raise ConfigError("param.base_width", f"{p.base_width} is not divisible by model.n_heads="
+                          f"{m.n_heads}; set param.base_head_dim")
+    # Dey et al. (2025) study alpha in [0.5, 1]: 0.5 is depth-muP, 1 is CompleteP.
+    if not 0.5 <= p.alpha <= 1:
+        raise ConfigError("param.alpha", f"must be in [0.5, 1], got {p.alpha}")
 
 
 def parse(raw: DictConfig | dict) -> Config:
