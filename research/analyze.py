@@ -1,9 +1,11 @@
-"""`python -m research.analyze report SWEEP_DIR... [--out DIR]` and `... fit --csv FILE`.
+"""`python -m research.analyze report SWEEP_DIR... [--out DIR]`, `... fit --csv FILE`, `... transfer SWEEP_DIR...`.
 
 `report` reads finished runs, prints a table and the fitted laws, and writes
 report.md, fit.json and PNG plots (research/analysis/report.py says which).
 `fit --csv FILE` fits Chinchilla's Approach 3 to columns params,tokens,loss
-and prints one JSON object. Bad input: one line on stderr, exit 2.
+and prints one JSON object. `transfer SWEEP_DIR` finds the best lr per width
+(or depth) per parameterization (analysis/transfer.py), plots loss vs lr and
+prints one JSON object. Bad input: one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+from research.analysis import load_runs
 
 
 class InputError(ValueError):
@@ -52,6 +56,34 @@ def fit_csv(path: str, n_boot: int) -> dict:
     return result
 
 
+def transfer(dirs: list[str], out: str | None) -> dict:
+    """`transfer DIR...`: optimal lr per size and parameterization; transfer.png; JSON as the last line."""
+    from research.analysis import transfer as tr
+
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise InputError(f"{d}: not a directory")
+    df = load_runs(*dirs)
+    if df.empty:
+        raise InputError(f"{', '.join(dirs)}: no run directories (summary.json or .hydra/) found")
+    result = tr.optima(df)
+    for name, r in result.items():
+        axis = tr.AXES[r["axis"]]
+        print(f"{name}: best lr per {axis}: " + ", ".join(f"{k}: {v:g}" for k, v in r["optimal_lr"].items())
+              + f"; max shift {r['max_shift']} grid step(s)")
+        if r["edge"]:
+            print(f"warning: {name}: the best lr at {axis} {', '.join(map(str, r['edge']))} is on the edge "
+                  "of the lr grid; the optimum may lie beyond it", file=sys.stderr)
+    out_dir = Path(out) if out else Path(dirs[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {tr.plot(result, out_dir / 'transfer.png')}", file=sys.stderr)
+    summary = {name: {"axis": r["axis"], "optimal_lr": r["optimal_lr"], "max_shift": r["max_shift"],
+                      "edge": r["edge"]} for name, r in result.items()}
+    (out_dir / "transfer.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m research.analyze", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     fit = sub.add_parser("fit", help="Chinchilla Approach 3 fit of L(N, D) from a CSV; prints JSON")
     fit.add_argument("--csv", required=True, help="CSV with columns params,tokens,loss (others ignored)")
     fit.add_argument("--boot", type=int, default=100, help="bootstrap resamples for the CIs (default 100)")
+    tra = sub.add_parser("transfer", help="best lr per width/depth per parameterization; plot; prints JSON")
+    tra.add_argument("dirs", nargs="+", help="sweep directories (e.g. experiment=lr_transfer)")
+    tra.add_argument("--out", help="where to write transfer.png and transfer.json (default: first dir)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "fit":
+        if args.command == "transfer":
+            transfer(args.dirs, args.out)
+        elif args.command == "fit":
             fit_csv(args.csv, args.boot)
         else:
             report(args.dirs, args.out)

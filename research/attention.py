@@ -9,6 +9,9 @@ Shapes: q, k, v and the output are (B, L, H, K); see model.py for the letters.
            attention FLOPs and softmax work for large C. Faster on CPU, where
            nothing fuses the masked softmax (see experiments/perf.md).
   auto     chunked on CPU, xla elsewhere.
+
+Every kernel takes `scale`, the factor on q.k: None means 1/sqrt(K); muP
+(param.py) passes one proportional to 1/K.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ import jax.numpy as jnp
 CHUNK = 64  # query block length for `chunked`; measured best on a 2-core CPU at L = 128..256
 
 
-def xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+def _scale(k: int, scale: float | None) -> float:
+    # One definition for every kernel, so they agree to the last bit on the scale.
+    return k**-0.5 if scale is None else scale
 
 
-def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK):
+def xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+                                        scale=_scale(q_BxLxHxK.shape[-1], scale))
+
+
+def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK, scale: float | None = None):
     """Exact causal attention, computed block by block over the lower triangle."""
     B, L, H, K = q_BxLxHxK.shape
-    scale = K**-0.5
+    scale = _scale(K, scale)
     outs = []
     for start in range(0, L, chunk):
         stop = min(start + chunk, L)
@@ -40,20 +49,34 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK):
     return jnp.concatenate(outs, axis=1)
 
 
-def attention_probs(q_BxLxHxK, k_BxLxHxK):
-    """Causal softmax(q k^T / sqrt(K)) as float32 (B, H, L, L), query x key.
+def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
+    """Dispatch on `model.attention` (auto | xla | chunked); `scale` multiplies q.k (None: 1/sqrt(K))."""
+    if kind == "auto":
+        kind = "chunked" if jax.devices()[0].platform == "cpu" else "xla"
+    if kind == "chunked":
+        return chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)
+    return xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)
+
+
+def _causal_scores(q_BxLxHxK, k_BxLxHxK, scale: float | None):
+    """scale * q.k as float32 (B, H, L, L), query x key, and the causal mask (L, L)."""
+    L, K = q_BxLxHxK.shape[1], q_BxLxHxK.shape[-1]
+    s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32) * _scale(K, scale)
+    return s_BxHxLxL, jnp.tril(jnp.ones((L, L), bool))
+
+
+def attention_probs(q_BxLxHxK, k_BxLxHxK, scale: float | None = None):
+    """Causal softmax(scale * q k^T) as float32 (B, H, L, L), query x key.
 
     Materialised on purpose: interpretation reads it; training never calls it.
     """
-    K, L = q_BxLxHxK.shape[-1], q_BxLxHxK.shape[1]
-    s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32) * K**-0.5
-    visible_LxL = jnp.tril(jnp.ones((L, L), bool))
+    s_BxHxLxL, visible_LxL = _causal_scores(q_BxLxHxK, k_BxLxHxK, scale)
     return jax.nn.softmax(jnp.where(visible_LxL, s_BxHxLxL, -jnp.inf), axis=-1)
 
 
-def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
-    """Dispatch on `model.attention` (auto | xla | chunked)."""
-    if kind == "auto":
-        kind = "chunked" if jax.devices()[0].platform == "cpu" else "xla"
-    fn = chunked_attention if kind == "chunked" else xla_attention
-    return fn(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+def mean_abs_logits(q_BxLxHxK, k_BxLxHxK, scale: float | None = None) -> jax.Array:
+    """Mean |scale * q.k| over the causally visible (query, key) pairs: a diagnostic
+    for the coordinate check (materialises the (B, H, L, L) scores; small L only)."""
+    s_BxHxLxL, visible_LxL = _causal_scores(q_BxLxHxK, k_BxLxHxK, scale)
+    B, H = s_BxHxLxL.shape[:2]
+    return jnp.abs(jnp.where(visible_LxL, s_BxHxLxL, 0.0)).sum() / (visible_LxL.sum() * B * H)

@@ -25,6 +25,7 @@ POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block")
 ATTENTIONS = ("auto", "xla", "chunked")
+PARAMETERIZATIONS = ("sp", "mup", "completep")
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,17 @@ class DistributedConfig:
 
 
 @dataclass
+class ParamConfig:
+    """How init, forward multipliers and per-parameter lr scale with size (see param.py)."""
+
+    name: str = "sp"  # sp | mup | completep
+    base_width: int = 128  # d_model at which mup and completep equal sp
+    base_depth: int = 2  # n_layers at which completep equals mup (completep only)
+    base_head_dim: int | None = None  # head dim at base width; None = base_width / model.n_heads
+    alpha: float = 1.0  # completep: residual branches x (base_depth / n_layers)^alpha
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,6 +146,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    param: ParamConfig = field(default_factory=ParamConfig)
 
 
 def _typed(raw: DictConfig | dict) -> Config:
@@ -225,6 +238,7 @@ def validate(cfg: Config) -> None:
     if t.flops_budget is not None:
         _positive("train.flops_budget", t.flops_budget)
     _validate_distributed(cfg.distributed)
+    _validate_param(cfg.param, m)
     _positive("checkpoint.every", cfg.checkpoint.every, zero_ok=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("checkpoint.keep_every", cfg.checkpoint.keep_every, zero_ok=True)
@@ -247,6 +261,18 @@ def _validate_distributed(dist: DistributedConfig) -> None:
         raise ConfigError("distributed.process_id",
                           f"must be in 0..{dist.num_processes - 1} (distributed.num_processes="
                           f"{dist.num_processes}), got {dist.process_id}")
+def _validate_param(p: ParamConfig, m: ModelConfig) -> None:
+    _one_of("param.name", p.name, PARAMETERIZATIONS)
+    _positive("param.base_width", p.base_width)
+    _positive("param.base_depth", p.base_depth)
+    if p.base_head_dim is not None:
+        _positive("param.base_head_dim", p.base_head_dim)
+    elif p.name != "sp" and p.base_width % m.n_heads:
+        raise ConfigError("param.base_width", f"{p.base_width} is not divisible by model.n_heads="
+                          f"{m.n_heads}; set param.base_head_dim")
+    # Dey et al. (2025) study alpha in [0.5, 1]: 0.5 is depth-muP, 1 is CompleteP.
+    if not 0.5 <= p.alpha <= 1:
+        raise ConfigError("param.alpha", f"must be in [0.5, 1], got {p.alpha}")
 
 
 def parse(raw: DictConfig | dict) -> Config:

@@ -34,7 +34,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     meta = ckpt.Checkpointer(directory).meta(step)
     cfg = config.parse(meta["config"])
     abstract = nnx.eval_shape(
-        lambda: model.build(cfg.model, meta["vocab_size"], cfg.data.seq_len, cfg.train.seed))
+        lambda: model.build(cfg.model, meta["vocab_size"], cfg.data.seq_len, cfg.train.seed,
+                            cfg.param))
     graphdef, abstract_state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = shd.abstract_with_shardings(

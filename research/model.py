@@ -13,23 +13,34 @@ Every weight carries `axes`, its logical dimension names ('vocab', 'embed',
 'heads', 'mlp'); sharding.py maps those names onto mesh axes, so data, FSDP
 and tensor parallelism are configuration, not model code. Params are stored
 in float32 and cast to `model.dtype` where they are used.
+
+Init stds and forward multipliers (residual branches, attention and output
+logits) come from the parameterization, `param.Multipliers` (sp, muP,
+CompleteP; see param.py). Passing `taps={}` to the model fills it with the
+mean |activation| of every layer's output, for the coordinate check.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.attention import attention_probs, causal_attention
-from research.config import ModelConfig, d_ff, d_head
+from research import param
+from research.attention import attention_probs, causal_attention, mean_abs_logits
+from research.config import ModelConfig, ParamConfig, d_ff, d_head
 
 # constrain(x, kind) pins a sharding: kind "act" for the (B, L, D) residual
 # stream, "whole" for a weight that must be gathered before use.
 Constrain = Callable[[jax.Array, str], jax.Array]
+Taps = dict[str, jax.Array]
+
+
+def _tap(taps: Taps | None, name: str, x: jax.Array) -> None:
+    if taps is not None:
+        taps[name] = jnp.abs(x.astype(jnp.float32)).mean()
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float) -> nnx.Param:
@@ -75,10 +86,11 @@ def apply_rope(x_BxLxHxK: jax.Array, cos_LxK2: jax.Array, sin_LxK2: jax.Array) -
 class Block(nnx.Module):
     """Pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, mult: param.Multipliers, rngs: nnx.Rngs):
         D, H, K, F = cfg.d_model, cfg.n_heads, d_head(cfg), d_ff(cfg)
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        std, out_std = mult.hidden_std, mult.out_std
         self.n_heads, self.dtype, self.attention = H, jnp.dtype(cfg.dtype), cfg.attention
+        self.residual, self.attn_scale = mult.residual, mult.attn_scale
         self.attn_norm = Norm(D, cfg.norm)
         self.wq = _param(rngs, (D, H * K), ("embed", "heads"), std)
         self.wk = _param(rngs, (D, H * K), ("embed", "heads"), std)
@@ -103,17 +115,28 @@ class Block(nnx.Module):
             k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)
         return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
 
-    def _rest(self, x_BxLxD: jax.Array, o_BxLxHxK: jax.Array) -> jax.Array:
+    def _rest(self, x_BxLxD: jax.Array, o_BxLxHxK: jax.Array, taps: Taps | None = None,
+              name: str = "block") -> jax.Array:
         """Everything after attention: output projection, residual, MLP."""
         B, L, D = x_BxLxD.shape
-        x_NxD = x_BxLxD.reshape(B * L, D) + o_BxLxHxK.reshape(B * L, -1) @ self._w(self.wo)
+        # CompleteP scales each branch by m_L^-alpha (1 under sp and mup).
+        attn_NxD = self.residual * (o_BxLxHxK.reshape(B * L, -1) @ self._w(self.wo))
+        x_NxD = x_BxLxD.reshape(B * L, D) + attn_NxD
         h_NxF = jax.nn.gelu(self.mlp_norm(x_NxD) @ self._w(self.w_in))
-        x_NxD = x_NxD + h_NxF @ self._w(self.w_out)
+        mlp_NxD = self.residual * (h_NxF @ self._w(self.w_out))
+        x_NxD = x_NxD + mlp_NxD
+        _tap(taps, f"{name}.attn", attn_NxD)
+        _tap(taps, f"{name}.mlp", mlp_NxD)
+        _tap(taps, name, x_NxD)
         return x_NxD.reshape(B, L, D)
 
-    def __call__(self, x_BxLxD: jax.Array, rope: tuple | None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, rope: tuple | None, taps: Taps | None = None,
+                 name: str = "block") -> jax.Array:
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, rope)
-        return self._rest(x_BxLxD, causal_attention(self.attention, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+        if taps is not None:
+            taps[f"{name}.attn_logits"] = mean_abs_logits(q_BxLxHxK, k_BxLxHxK, self.attn_scale)
+        o_BxLxHxK = causal_attention(self.attention, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.attn_scale)
+        return self._rest(x_BxLxD, o_BxLxHxK, taps, name)
 
     def inspect(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array]:
         """`__call__` with the attention probabilities materialised: (x_BxLxD, p_BxHxLxL float32).
@@ -121,7 +144,7 @@ class Block(nnx.Module):
         For interpretation only: the (L, L) matrices cost memory the training kernels avoid.
         """
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, rope)
-        p_BxHxLxL = attention_probs(q_BxLxHxK, k_BxLxHxK)
+        p_BxHxLxL = attention_probs(q_BxLxHxK, k_BxLxHxK, self.attn_scale)
         o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL.astype(v_BxLxHxK.dtype), v_BxLxHxK)
         return self._rest(x_BxLxD, o_BxLxHxK), p_BxHxLxL
 
@@ -143,14 +166,16 @@ class Inspection(NamedTuple):
 class Transformer(nnx.Module):
     """Token ids (B, L) -> next-token logits (B, L, V) in float32."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int, rngs: nnx.Rngs,
+                 mult: param.Multipliers | None = None):
         D, V = cfg.d_model, vocab_size
-        self.cfg, self.dtype = cfg, jnp.dtype(cfg.dtype)
+        mult = mult or param.multipliers(cfg, ParamConfig())
+        self.cfg, self.dtype, self.logit_mult = cfg, jnp.dtype(cfg.dtype), mult.logits
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std)
         if cfg.pos == "learned":
             self.pos_embed = _param(rngs, (max_len, D), (None, "embed"), cfg.init_std / 2)
         n_distinct = cfg.share_layers or cfg.n_layers
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(n_distinct)])
+        self.blocks = nnx.List([Block(cfg, mult, rngs) for _ in range(n_distinct)])
         self.final_norm = Norm(D, cfg.norm)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std)
@@ -173,27 +198,39 @@ class Transformer(nnx.Module):
         Applied to an intermediate layer's residual stream it is the logit lens.
         """
         B, L, _ = x_BxLxD.shape
-        h_NxD = self.final_norm(x_BxLxD.reshape(B * L, -1))
+        # muP's readout multiplier (1 / m_N; 1 under sp), on the (N, D) side: cheaper than on (N, V).
+        h_NxD = self.final_norm(x_BxLxD.reshape(B * L, -1)) * self.logit_mult
         if self.cfg.tie_embeddings:
             logits_NxV = h_NxD @ self.embed[...].astype(self.dtype).T
         else:
             logits_NxV = h_NxD @ self.unembed[...].astype(self.dtype)
         return logits_NxV.astype(jnp.float32).reshape(B, L, -1)
 
-    def __call__(self, tokens_BxL: jax.Array, constrain: Constrain | None = None) -> jax.Array:
-        """`constrain` (optional, see `Constrain`) pins shardings under a mesh."""
+    def __call__(self, tokens_BxL: jax.Array, constrain: Constrain | None = None,
+                 taps: Taps | None = None) -> jax.Array:
+        """`constrain` (optional, see `Constrain`) pins shardings under a mesh; `taps`
+        (optional dict) receives 'embed', 'block{i}[.attn|.mlp|.attn_logits]', 'logits':
+        mean |output| of each layer as float32 scalars."""
         constrain = constrain or (lambda x, kind: x)
         x_BxLxD, rope = self._positions(self._embed(tokens_BxL, constrain))
+        _tap(taps, "embed", x_BxLxD)
 
         def run_block(block: Block, x: jax.Array) -> jax.Array:
             return block(x, rope)
 
-        if self.cfg.remat == "block":
+        if self.cfg.remat == "block" and taps is None:  # taps would leak out of the remat trace
             run_block = nnx.remat(run_block)
         for layer in range(self.cfg.n_layers):
             # ALBERT-style sharing: layer i reuses block i mod share_layers.
-            x_BxLxD = constrain(run_block(self.blocks[layer % len(self.blocks)], x_BxLxD), "act")
-        return self.decode(x_BxLxD)
+            block = self.blocks[layer % len(self.blocks)]
+            if taps is None:
+                x_BxLxD = run_block(block, x_BxLxD)
+            else:
+                x_BxLxD = block(x_BxLxD, rope, taps, f"block{layer}")
+            x_BxLxD = constrain(x_BxLxD, "act")
+        logits_BxLxV = self.decode(x_BxLxD)
+        _tap(taps, "logits", logits_BxLxV)
+        return logits_BxLxV
 
     def inspect(self, tokens_BxL: jax.Array, token_embeds_BxLxD: jax.Array | None = None,
                 probs: bool = True) -> Inspection:
@@ -219,6 +256,8 @@ class Transformer(nnx.Module):
         return Inspection(self.decode(x_BxLxD), resid, attn)
 
 
-def build(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int) -> Transformer:
-    """A concrete model with freshly initialised params (single device)."""
-    return Transformer(cfg, vocab_size, max_len, nnx.Rngs(params=seed))
+def build(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int,
+          p: ParamConfig | None = None) -> Transformer:
+    """A concrete model with freshly initialised params (single device), parameterized by `p` (default sp)."""
+    mult = param.multipliers(cfg, p or ParamConfig())
+    return Transformer(cfg, vocab_size, max_len, nnx.Rngs(params=seed), mult)

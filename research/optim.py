@@ -5,10 +5,17 @@ optimizer (p -= lr * wd * p, as AdamW), and applies to matrices only
 (ndim >= 2): norm scales and biases are left alone. Gradient accumulation is not an Optax wrapper here: step.py
 averages microbatch gradients inside one jitted step, which gives the same
 update as one large batch.
+
+Every optimizer is one chain: [clip] -> its direction (Adam, Lion, ...) ->
+decay -> x lr(step). Under muP and CompleteP the decay link becomes
+`scale_and_decay`, which also multiplies each weight's update by its own lr
+scale (param.py builds the scales from the param tree), so the per-parameter
+rules work with every optimizer here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -16,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from research.config import OptimConfig, ScheduleConfig
+from research.param import OptimScales
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -65,41 +73,65 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _adamw(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
-    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+# Each optimizer's direction: the transforms before weight decay and the lr
+# (optax.adamw and optax.lion are exactly these chained with
+# add_decayed_weights and scale_by_learning_rate, so the state is the same).
+def _adamw(o: OptimConfig) -> list[optax.GradientTransformation]:
+    return [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)]
 
 
-def _lion(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
-    return optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+def _lion(o: OptimConfig) -> list[optax.GradientTransformation]:
+    return [optax.scale_by_lion(b1=o.b1, b2=o.b2)]
 
 
-def _adafactor(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+def _adafactor(o: OptimConfig) -> list[optax.GradientTransformation]:
     # Optax's adafactor adds weight decay after the lr scaling (so it would
-    # ignore lr and schedule); build the same chain with decay before it.
-    return optax.chain(
-        optax.scale_by_factored_rms(),
-        optax.clip_by_block_rms(1.0),
-        *([optax.ema(o.b1, debias=False)] if o.b1 else []),
-        optax.add_decayed_weights(o.weight_decay, decay_mask),
-        optax.scale_by_learning_rate(lr),
-    )
+    # ignore lr and schedule); the chain here puts decay before it.
+    return [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+            *([optax.ema(o.b1, debias=False)] if o.b1 else [])]
 
 
-def _sgd(o: OptimConfig, lr: Schedule) -> optax.GradientTransformation:
+def _sgd(o: OptimConfig) -> list[optax.GradientTransformation]:
     # Decay after momentum, so it is decoupled (not amplified by 1 / (1 - b1)).
-    return optax.chain(
-        *([optax.trace(decay=o.b1)] if o.b1 else []),
-        optax.add_decayed_weights(o.weight_decay, decay_mask),
-        optax.scale_by_learning_rate(lr),
-    )
+    return [optax.trace(decay=o.b1)] if o.b1 else []
+
+
+def scale_and_decay(lr_scales, decay_scales, weight_decay: float) -> optax.GradientTransformation:
+    """u -> s * u + weight_decay * d * p, leaf by leaf, for the leaves `decay_mask` picks.
+
+    `lr_scales` (s) and `decay_scales` (d) are pytrees of Python floats shaped
+    like the params. Stateless: the optimizer state, and its sharding, are
+    those of the direction alone.
+    """
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("scale_and_decay needs the params: pass them to update()")
+
+        def one(u, p, s, d, decays):
+            u = s * u
+            return u + (weight_decay * d) * p if decays and weight_decay else u
+
+        return jax.tree.map(one, updates, params, lr_scales, decay_scales, decay_mask(params)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 OPTIMIZERS = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor, "sgd": _sgd}
 
 
-def make_optimizer(o: OptimConfig, schedule: Schedule) -> optax.GradientTransformation:
-    """Clip (global norm) -> the named optimizer with masked, decoupled weight decay."""
-    core = OPTIMIZERS[o.name](o, schedule)
+def make_optimizer(o: OptimConfig, schedule: Schedule,
+                   scales: OptimScales | None = None) -> optax.GradientTransformation:
+    """Clip (global norm) -> the named optimizer with masked, decoupled weight decay.
+
+    `scales` (param.optim_scales; None under sp) multiplies each weight's
+    update and decay, and optim.eps.
+    """
+    if scales is None:
+        decay = optax.add_decayed_weights(o.weight_decay, decay_mask)
+    else:
+        o = dataclasses.replace(o, eps=o.eps * scales.eps)
+        decay = scale_and_decay(scales.lr, scales.decay, o.weight_decay)
+    core = optax.chain(*OPTIMIZERS[o.name](o), decay, optax.scale_by_learning_rate(schedule))
     if o.clip > 0:
         return optax.chain(optax.clip_by_global_norm(o.clip), core)
     return core

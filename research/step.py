@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from research import model, optim
+from research import model, optim, param
 from research import sharding as shd
 from research.config import Config
 
@@ -158,13 +158,14 @@ class Plan:
 def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:
     """Model structure, optimizer, schedule and state shardings for `cfg` on `mesh`."""
     def build_model():
-        return model.build(cfg.model, vocab, cfg.data.seq_len, cfg.train.seed)
+        return model.build(cfg.model, vocab, cfg.data.seq_len, cfg.train.seed, cfg.param)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(build_model))
     param_shardings = shd.param_shardings(abstract, mesh)
     abstract_params = abstract.to_pure_dict()
     schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
-    optimizer = optim.make_optimizer(cfg.optim, schedule)
+    # Per-parameter lr scales: a tree of floats built from the (abstract) param tree.
+    optimizer = optim.make_optimizer(cfg.optim, schedule, param.optim_scales(cfg, abstract_params))
     return Plan(graphdef, abstract_params, param_shardings,
                 state_shardings(abstract_params, param_shardings, optimizer, mesh),
                 optimizer, schedule, build_model, cfg.train.seed)

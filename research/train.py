@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import cluster, config, data, flops, preemption, sweep
+from research import cluster, config, data, flops, param, preemption, sweep
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
@@ -41,12 +41,17 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a restart continues exactly
 # Fields whose change makes a checkpoint's params (or, to resume, its whole state) unusable.
 PARAM_FIELDS = ("model.d_model", "model.n_layers", "model.n_heads", "model.mlp_ratio",
                 "model.norm", "model.pos", "model.tie_embeddings", "model.share_layers")
-STATE_FIELDS = (*PARAM_FIELDS, "optim.name")
+# param.name too: mup and completep add a link to the optimizer chain (and change the dynamics).
+STATE_FIELDS = (*PARAM_FIELDS, "optim.name", "param.name")
+DEFAULTS = dataclasses.asdict(config.Config())
 
 
 def _get(d: dict, dotted: str):
+    """d[a][b] for 'a.b'; a field a checkpoint predates (e.g. param) reads as its default."""
+    default = DEFAULTS
     for key in dotted.split("."):
-        d = d[key]
+        default = default[key]
+        d = d.get(key, default) if isinstance(d, dict) else default
     return d
 
 
@@ -179,6 +184,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         print(f"model: {counts['params']:,} params ({counts['non_embedding_params']:,} non-embedding), "
               f"{per_token / 1e6:.2f} MFLOP/token; mesh {mesh_desc} on {len(devices)} "
               f"{devices[0].platform} device(s); compiled in {compile_s:.1f}s", file=sys.stderr)
+        print(param.describe(cfg, plan.abstract_params), file=sys.stderr)
 
     # -- The loop. Each step's loss is checked before anything is saved.
     logger = RunLogger(run_dir, t.steps, start)
