@@ -173,10 +173,7 @@ class Transformer(nnx.Module):
         for layer in range(cfg.n_layers):
             # ALBERT-style sharing: layer i reuses block i mod share_layers.
             block = self.blocks[layer % len(self.blocks)]
-            if taps is None:
-                x_BxLxD = run_block(block, x_BxLxD)
-            else:
-                x_BxLxD = block(x_BxLxD, rope, taps, f"block{layer}")
+            x_BxLxD = run_block(block, x_BxLxD) if taps is None else block(x_BxLxD, rope, taps, f"block{layer}")
             x_BxLxD = constrain(x_BxLxD, "act")
         # muP's readout multiplier (1 / m_N; 1 under sp), on the (N, D) side: cheaper than on (N, V).
         h_NxD = self.final_norm(x_BxLxD.reshape(B * L, -1)) * self.logit_mult
