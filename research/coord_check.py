@@ -13,8 +13,8 @@ function of the seed and s). At each step t = 1..steps, the forward pass of
 the train step records the mean |activation| of: the embedding output, each
 block's attention logits (scale * q.k over visible pairs), attention and MLP
 branch outputs and residual stream, and the output logits; then the
-optimizer updates. Step 1 is the model at init. With --seeds=N each value is
-the mean over N inits and data orders (one compile per width still).
+optimizer updates. Step 1 is the model at init. Each value is the mean over
+--seeds inits and data orders (default 3; one compile per width still).
 
 Writes `coord_check.png` (log-log width vs mean |activation|, one line per
 layer, one panel per step) and `coord_check.json` (every record) to --out
@@ -43,6 +43,7 @@ from research import step as steplib
 CONF = Path(__file__).resolve().parents[1] / "conf"
 WIDTHS = (64, 128, 256, 512, 1024)
 STEPS = 5
+SEEDS = 3  # averaged: with few tokens per step a single run is noisy
 # Applied before the user's overrides: a constant and deliberately large lr,
 # no clipping or decay to blur the picture, and few tokens per step. muP's
 # guarantee is a limit of width at a fixed batch: an Adam update is aligned with
@@ -130,7 +131,7 @@ def slopes(widths: list[int], values: dict[str, list[float]]) -> dict[str, float
 
 
 def run(overrides: list[str], widths=WIDTHS, steps: int = STEPS, out: str | Path | None = None,
-        seeds: int = 1) -> dict:
+        seeds: int = SEEDS) -> dict:
     """The whole check; returns {'param', 'widths', 'steps', 'seeds', 'records', 'losses', 'slopes', 'plot'}."""
     devices = jax.devices()[:1]  # a diagnostic of small models: one device, no mesh questions
     mesh = shd.make_mesh((1, 1, 1), devices)
@@ -189,7 +190,7 @@ def plot(result: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    widths, steps, seeds, out, overrides = WIDTHS, STEPS, 1, None, []
+    widths, steps, seeds, out, overrides = WIDTHS, STEPS, SEEDS, None, []
     try:
         for arg in argv:
             flag, _, value = arg.partition("=")

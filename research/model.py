@@ -223,10 +223,7 @@ class Transformer(nnx.Module):
         for layer in range(self.cfg.n_layers):
             # ALBERT-style sharing: layer i reuses block i mod share_layers.
             block = self.blocks[layer % len(self.blocks)]
-            if taps is None:
-                x_BxLxD = run_block(block, x_BxLxD)
-            else:
-                x_BxLxD = block(x_BxLxD, rope, taps, f"block{layer}")
+            x_BxLxD = run_block(block, x_BxLxD) if taps is None else block(x_BxLxD, rope, taps, f"block{layer}")
             x_BxLxD = constrain(x_BxLxD, "act")
         logits_BxLxV = self.decode(x_BxLxD)
         _tap(taps, "logits", logits_BxLxV)

@@ -196,4 +196,4 @@ def describe(cfg: Config, params) -> str:
     header = ("weight", "shape", "role", "lr scale", "decay scale")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([*head, fmt.format(*header), *(fmt.format(*r) for r in rows)])
+    return "\n".join([*head, *(fmt.format(*r).rstrip() for r in [header, *rows])])
