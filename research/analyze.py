@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from research.analysis import load_runs
+from research.analysis.runs import load_dirs
 
 
 class InputError(ValueError):
@@ -60,12 +60,7 @@ def transfer(dirs: list[str], out: str | None) -> dict:
     """`transfer DIR...`: optimal lr per size and parameterization; transfer.png; JSON as the last line."""
     from research.analysis import transfer as tr
 
-    for d in dirs:
-        if not Path(d).is_dir():
-            raise InputError(f"{d}: not a directory")
-    df = load_runs(*dirs)
-    if df.empty:
-        raise InputError(f"{', '.join(dirs)}: no run directories (summary.json or .hydra/) found")
+    df = load_dirs(dirs)
     result = tr.optima(df)
     for name, r in result.items():
         axis = tr.AXES[r["axis"]]

@@ -15,7 +15,6 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,7 +23,6 @@ from research import config, data, flops
 from research import sharding as shd
 from research import step as steplib
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 REFERENCE = (
     "model=m",
     "data=synthetic",
@@ -32,13 +30,6 @@ REFERENCE = (
     "train.batch_size=16",
     "optim=adamw",
 )
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(REFERENCE) + overrides)
 
 
 def _peak_memory_bytes(device) -> tuple[int, str]:
@@ -118,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rest.append(arg)
     try:
-        config.check_group_choices(rest, CONF)
-        result = bench(_compose(rest), steps=steps)
+        config.check_group_choices(rest, config.CONF_DIR)
+        result = bench(config.compose([*REFERENCE, *rest]), steps=steps)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -286,6 +286,18 @@ def parse(raw: DictConfig | dict) -> Config:
     return cfg
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The root config `python -m research.train OVERRIDES` composes (for tools beside train)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
     """ConfigError for `group=name` overrides naming a preset that `conf/group/` lacks.
 

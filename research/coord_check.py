@@ -40,7 +40,6 @@ from research import config, data, model
 from research import sharding as shd
 from research import step as steplib
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 WIDTHS = (64, 128, 256, 512, 1024)
 STEPS = 5
 SEEDS = 3  # averaged: with few tokens per step a single run is noisy
@@ -60,15 +59,6 @@ DEFAULTS = (
     "schedule=constant",
     "schedule.warmup=0",
 )
-
-
-def compose(overrides: list[str]):
-    """The root config with the coordinate-check defaults, then `overrides`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=[*DEFAULTS, *overrides])
 
 
 def _make_step(plan: steplib.Plan):
@@ -135,7 +125,8 @@ def run(overrides: list[str], widths=WIDTHS, steps: int = STEPS, out: str | Path
     """The whole check; returns {'param', 'widths', 'steps', 'seeds', 'records', 'losses', 'slopes', 'plot'}."""
     devices = jax.devices()[:1]  # a diagnostic of small models: one device, no mesh questions
     mesh = shd.make_mesh((1, 1, 1), devices)
-    cfgs = [config.parse(compose([*overrides, f"model.d_model={w}", f"train.steps={steps}"])) for w in widths]
+    cfgs = [config.parse(config.compose([*DEFAULTS, *overrides, f"model.d_model={w}", f"train.steps={steps}"]))
+            for w in widths]
     corpus = data.load(cfgs[0].data)
     per_width, losses = [], {}
     for width, cfg in zip(widths, cfgs):
@@ -212,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             raise config.ConfigError("--widths", "need at least two positive widths, --steps >= 1, --seeds >= 1")
         if any(a.startswith(("model.d_model=", "train.steps=")) for a in overrides):
             raise config.ConfigError("model.d_model", "set by the check: use --widths and --steps")
-        config.check_group_choices(overrides, CONF)
+        config.check_group_choices(overrides, config.CONF_DIR)
         result = run(overrides, widths, steps, out, seeds)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -29,7 +29,7 @@ from research.analysis import plots
 from research.analysis.fit import fit_power_law
 from research.analysis.frontier import fit_approach1, training_curves
 from research.analysis.isoflop import fit_approach2
-from research.analysis.runs import completed, load_curves, load_runs
+from research.analysis.runs import completed, load_curves, load_dirs
 
 X_COL = "non_embedding_params"
 BUDGET_COL = "train.flops_budget"
@@ -85,12 +85,7 @@ def _approach2(ok: pd.DataFrame, where: str, lines: list[str]) -> dict:
 def write_report(dirs: list[str], out: str | None = None) -> dict:
     """Analyse the runs below `dirs`; write the report into `out` (default dirs[0]); return fit.json's dict."""
     where = ", ".join(dirs)
-    for d in dirs:
-        if not Path(d).is_dir():
-            raise ValueError(f"{d}: not a directory")
-    df = load_runs(*dirs)
-    if df.empty:
-        raise ValueError(f"{where}: no run directories (summary.json or .hydra/) found")
+    df = load_dirs(dirs)
     ok, warn_lines = _select(df, where)
     skipped = df[~df.index.isin(ok.index)]
     ok = ok.sort_values([X_COL, "run_dir"]).reset_index(drop=True)

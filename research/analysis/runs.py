@@ -101,6 +101,17 @@ def completed(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
     return df[keep]
 
 
+def load_dirs(dirs: list[str]) -> pd.DataFrame:
+    """`load_runs(*dirs)` for a command line: ValueError (one line) for a missing dir or no runs."""
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"{d}: not a directory")
+    df = load_runs(*dirs)
+    if df.empty:
+        raise ValueError(f"{', '.join(dirs)}: no run directories (summary.json or .hydra/) found")
+    return df
+
+
 def _unfinished(entry: dict) -> str:
     """Status of a run with no summary.json, from its sweep-index record (if any)."""
     return "failed" if entry.get("status") == "failed" else "incomplete"
