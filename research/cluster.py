@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -32,7 +33,7 @@ from research.config import ConfigError, DistributedConfig
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
-def detected_cluster(env: os._Environ | dict = os.environ) -> str | None:
+def detected_cluster(env: Mapping[str, str] = os.environ) -> str | None:
     """'slurm' or 'tpu' when the environment is one process of a multi-process job."""
     if all(v in env for v in _SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
         return "slurm"
@@ -42,7 +43,7 @@ def detected_cluster(env: os._Environ | dict = os.environ) -> str | None:
     return None
 
 
-def init_args(dist: DistributedConfig, env: os._Environ | dict = os.environ) -> dict | None:
+def init_args(dist: DistributedConfig, env: Mapping[str, str] = os.environ) -> dict | None:
     """Keyword args for `jax.distributed.initialize`, or None for a single process.
 
     Explicit config wins; `{}` means "let JAX read the cluster's environment".
@@ -60,7 +61,7 @@ def init_args(dist: DistributedConfig, env: os._Environ | dict = os.environ) -> 
     return None
 
 
-def process_id_hint(dist: DistributedConfig, env: os._Environ | dict = os.environ) -> int:
+def process_id_hint(dist: DistributedConfig, env: Mapping[str, str] = os.environ) -> int:
     """This process's index, known before JAX starts (for writes that precede it)."""
     if dist.process_id is not None:
         return dist.process_id
