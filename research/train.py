@@ -318,7 +318,6 @@ def main(cfg: DictConfig) -> float | None:
             raise
         traceback.print_exc()
         return None
-    writer = writer and jax.process_index() == 0
     index(summary["status"], final_val_loss=summary["final_val_loss"], skipped=summary.get("skipped", False))
     if summary["status"] == "preempted":
         preemption.forward(summary["stop_signal"])  # e.g. submitit requeues the job here
@@ -329,7 +328,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _process_hint(cfg: DictConfig) -> int:
-    """This process's index before JAX starts: only process 0 writes the sweep index."""
+    """This process's index, known before JAX starts (config or cluster environment, as
+    cluster.init_args reads them): only process 0 writes the sweep index."""
     try:
         return cluster.process_id_hint(config.parse(cfg).distributed)
     except ConfigError:

@@ -37,6 +37,20 @@ def _shades(values) -> dict:
     return {v: cmap(0.9 * (np.log(v) - lo) / (hi - lo) if hi > lo else 0.5) for v in values}
 
 
+def _dress(ax, xlabel: str, ylabel: str, title: str, logx: bool = True, logy: bool = False,
+           legend_size: int = 8) -> None:
+    """Scales, labels, title, grid and legend: what every scaling plot sets the same way."""
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 # ---------------------------------------------------------------- scaling
 
 
@@ -54,12 +68,7 @@ def loss_vs_params(df: pd.DataFrame, fit: dict | None, x_col: str, out: str | Pa
         if "ci" in fit:
             label += f"\nalpha 95% CI [{fit['ci']['alpha'][0]:.3f}, {fit['ci']['alpha'][1]:.3f}]"
         ax.plot(xs, power_law(xs, fit["E"], fit["A"], fit["alpha"]), "k--", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel(x_col.replace("_", " "))
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("Loss vs model size")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _dress(ax, x_col.replace("_", " "), "final validation loss (nats/token)", "Loss vs model size")
     return _finish(fig, out)
 
 
@@ -71,12 +80,8 @@ def loss_curves(curves: dict[str, pd.DataFrame], sizes: dict[str, float], out: s
     for name, df in sorted(curves.items(), key=lambda kv: sizes[kv[0]]):
         df = df.dropna(subset=["loss"]) if "loss" in df else df
         ax.plot(df["step"], df["loss"], color=shade[sizes[name]], label=f"{name} ({sizes[name]:.3g})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_yscale("log")
-    ax.set_title("Training curves (colour: non-embedding params)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6)
+    _dress(ax, "step", "train loss", "Training curves (colour: non-embedding params)", logx=False,
+           logy=True, legend_size=6)
     return _finish(fig, out)
 
 
@@ -98,13 +103,7 @@ def compute_frontier(curves: pd.DataFrame, approach1: dict, out: str | Path | No
     cs = np.geomspace(env["flops"].min(), env["flops"].max() * 10, 100)
     ax.plot(cs, power_law(cs, law["E"], law["A"], law["alpha"]), "r--",
             label=f"L = {law['E']:.3f} + {law['A']:.3g} C^-{law['alpha']:.3f}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("FLOPs")
-    ax.set_ylabel("train loss")
-    ax.set_title("Compute frontier (colour: model size)")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
+    _dress(ax, "FLOPs", "train loss", "Compute frontier (colour: model size)", logy=True)
     ax_n.plot(env["flops"], env["N"], "k.", ms=4, label="envelope's best size")
     label = f"Approach 1: N_opt ~ C^{approach1['a']:.3f}"
     if "ci" in approach1:
@@ -115,13 +114,7 @@ def compute_frontier(curves: pd.DataFrame, approach1: dict, out: str | Path | No
         ax_n.plot(prof["flops"], prof["n_opt"], "rs", label="IsoFLOP minima")
         ax_n.plot(cs, approach2["k_N"] * cs ** approach2["a"], "r:",
                   label=f"Approach 2: N_opt ~ C^{approach2['a']:.3f}")
-    ax_n.set_xscale("log")
-    ax_n.set_yscale("log")
-    ax_n.set_xlabel("FLOPs")
-    ax_n.set_ylabel("compute-optimal N")
-    ax_n.set_title("Compute-optimal model size")
-    ax_n.legend(fontsize=8)
-    ax_n.grid(True, alpha=0.3)
+    _dress(ax_n, "FLOPs", "compute-optimal N", "Compute-optimal model size", logy=True)
     return _finish(fig, out)
 
 
@@ -144,12 +137,7 @@ def isoflop_curves(runs: pd.DataFrame, approach2: dict, out: str | Path | None, 
             xs = np.linspace(log_n.min() - 0.3, log_n.max() + 0.3, 100)
             ax.plot(np.exp(xs), p0 + p1 * xs + p2 * xs**2, "-", color=shade[budget])
             ax.plot(found[budget]["n_opt"], found[budget]["loss_opt"], "k*", ms=10)
-    ax.set_xscale("log")
-    ax.set_xlabel(n_col.replace("_", " "))
-    ax.set_ylabel(loss_col.replace("_", " "))
-    ax.set_title("IsoFLOP profiles (star: fitted minimum)")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
+    _dress(ax, n_col.replace("_", " "), loss_col.replace("_", " "), "IsoFLOP profiles (star: fitted minimum)")
     prof = pd.DataFrame(approach2["profiles"])
     cs = np.geomspace(prof["flops"].min() / 2, prof["flops"].max() * 10, 100)
     ax_n.plot(prof["flops"], prof["n_opt"], "k*", ms=10, label="minima")
@@ -157,13 +145,7 @@ def isoflop_curves(runs: pd.DataFrame, approach2: dict, out: str | Path | None, 
     if "ci" in approach2:
         label += f" [{approach2['ci']['a'][0]:.2f}, {approach2['ci']['a'][1]:.2f}]"
     ax_n.plot(cs, approach2["k_N"] * cs ** approach2["a"], "k--", label=label)
-    ax_n.set_xscale("log")
-    ax_n.set_yscale("log")
-    ax_n.set_xlabel("FLOP budget C")
-    ax_n.set_ylabel("N_opt")
-    ax_n.set_title("Approach 2: compute-optimal size")
-    ax_n.legend(fontsize=8)
-    ax_n.grid(True, alpha=0.3)
+    _dress(ax_n, "FLOP budget C", "N_opt", "Approach 2: compute-optimal size", logy=True)
     return _finish(fig, out)
 
 
