@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research import param
@@ -68,11 +69,17 @@ class Norm(nnx.Module):
         return x.astype(x_NxD.dtype)
 
 
-def rope_tables(length: int, k: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape (L, K/2) for rotary position embeddings."""
-    inv_freq_K2 = theta ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
-    angles_LxK2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_K2[None, :]
-    return jnp.cos(angles_LxK2), jnp.sin(angles_LxK2)
+def rope_tables(length: int, k: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (L, K/2) float32 for rotary position embeddings.
+
+    Computed with NumPy on purpose, so they enter a jitted step as constants:
+    built from jnp ops inside the step, XLA fuses the cos/sin into every
+    consumer and recomputes them per element of q and k, ~10% of a CPU step
+    (experiments/perf.md).
+    """
+    inv_freq_K2 = theta ** (-np.arange(0, k, 2, dtype=np.float32) / k)
+    angles_LxK2 = np.arange(length, dtype=np.float32)[:, None] * inv_freq_K2[None, :]
+    return np.cos(angles_LxK2), np.sin(angles_LxK2)
 
 
 def apply_rope(x_BxLxHxK: jax.Array, cos_LxK2: jax.Array, sin_LxK2: jax.Array) -> jax.Array:
