@@ -1,9 +1,15 @@
 """`python -m research.bench [overrides]`: throughput of the full train step.
 
 Prints one JSON line: the config, tokens/s, model FLOP/s (PaLM accounting,
-see flops.py), the peak it is compared with (measured fp32 matmul on CPU,
-datasheet on accelerators) and their ratio (MFU), step time, first-step
-compile time and peak memory. Overrides use the same names as
+see flops.py), the peak it is compared with and their ratio (MFU), step time
+(median and best of the timed steps), first-step compile time and peak memory.
+
+On CPU the peak is the sustained fp32 matmul rate, measured in this process
+for a few seconds just before and just after the timed steps; the larger of
+the two is used, so a machine that slows down mid-run does not flatter the
+ratio. `cpu_steal` is the share of CPU time the hypervisor took during the
+timed steps (Linux): when it is not near 0 the figures are noisy.
+On accelerators the peak is the datasheet's. Overrides use the same names as
 `research.train`; the defaults are the reference config for a 2-core CPU:
 n_layers=6, n_heads=6, d_model=384, seq_len=256, batch_size=16, vocab 256,
 fp32, AdamW.
@@ -40,6 +46,19 @@ def _peak_memory_bytes(device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS"
 
 
+PEAK_SECONDS = 2.0  # per CPU peak measurement (two per bench)
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     """Compile, run `warmup` steps, then time `steps` steps. Returns the figures."""
     cfg = config.parse(raw_cfg)
@@ -47,8 +66,12 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
     corpus = data.load(cfg.data)
     vocab, seq_len, t = corpus.vocab_size, cfg.data.seq_len, cfg.train
-    peak, peak_source = flops.peak_flops(devices[0])  # measured before any other work
-    if devices[0].platform != "cpu":
+    on_cpu = devices[0].platform == "cpu"
+    if on_cpu:  # before any other work; again after the timed steps
+        peak_before = flops.measure_matmul_flops(seconds=PEAK_SECONDS)
+        peak_source = "measured:cpu fp32 1024^3 matmul, sustained"
+    else:
+        peak, peak_source = flops.peak_flops(devices[0])
         peak *= len(devices)
 
     plan = steplib.plan(cfg, vocab, mesh)
@@ -67,12 +90,19 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     for i in range(warmup):
         state, metrics = train_step(state, batches[i % 2])
     jax.block_until_ready(metrics)
+    ticks0 = _cpu_ticks()
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
         state, metrics = train_step(state, batches[i % 2])
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
+    ticks1 = _cpu_ticks()
+    steal = (None if ticks0 is None or ticks1 is None or ticks1[1] == ticks0[1]
+             else (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1]))
+    if on_cpu:
+        peak_after = flops.measure_matmul_flops(seconds=PEAK_SECONDS)
+        peak = max(peak_before, peak_after)
     step_time = float(np.median(times))
     tokens_per_s = t.batch_size * seq_len / step_time
     model_flops = tokens_per_s * flops.flops_per_token(cfg.model, vocab, seq_len)
@@ -88,6 +118,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         "model_flops_per_s": model_flops,
         "peak_flops_per_s": peak,
         "peak_source": peak_source,
+        **({"peak_before_after": [peak_before, peak_after]} if on_cpu else {}),
         "mfu": model_flops / peak,
         "step_time_s": step_time,
         "step_time_min_s": float(np.min(times)),
@@ -95,6 +126,8 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         "peak_memory_bytes": mem,
         "peak_memory_source": mem_source,
         "timed_steps": steps,
+        "cpu_steal": steal,
+        "compiler_options": steplib.compiler_options(mesh),
         "final_loss": float(metrics["loss"]),
     }
 
