@@ -39,7 +39,8 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_
 @functools.lru_cache(maxsize=None)
 def _cpu_options_supported() -> bool:
     try:
-        jax.jit(lambda x: x + 1).lower(jnp.zeros(())).compile(compiler_options=CPU_COMPILER_OPTIONS)
+        probe = jax.device_put(jnp.zeros(()), jax.devices("cpu")[0])
+        jax.jit(lambda x: x + 1).lower(probe).compile(compiler_options=CPU_COMPILER_OPTIONS)
     except jax.errors.JaxRuntimeError:  # INVALID_ARGUMENT: not an option of this XLA; keep its defaults
         return False
     return True

@@ -67,6 +67,32 @@ TINY = (
 )
 
 
+def train_steps(*overrides: str, steps: int = 3, sharded: bool = False):
+    """Losses (array) and final params of `steps` real train steps of TINY + `overrides`,
+    in this process, on one device or data-sharded over all of them."""
+    import jax
+    import numpy as np
+
+    from research import config, data
+    from research import sharding as shd
+    from research import step as steplib
+
+    cfg = config.parse(compose(*TINY, *overrides))
+    corpus = data.load(cfg.data)
+    devices = jax.devices() if sharded else jax.devices()[:1]
+    mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
+    plan = steplib.plan(cfg, corpus.vocab_size, mesh)
+    train_step = steplib.make_train_step(steplib.make_loss_fn(plan.graphdef, mesh), plan.optimizer,
+                                         plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
+    state, losses = plan.fresh_state(), []
+    for s in range(steps):
+        batch = data.device_batch(corpus, data.TRAIN, cfg.train.seed, s, cfg.train.batch_size,
+                                  cfg.data.seq_len, shd.batch_sharding(mesh))
+        state, metrics = train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(state["params"])
+
+
 def train_cli(repo: Path, *args: str, env_extra: dict | None = None, devices: int = 1,
               timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m research.train ARGS` in a subprocess with `devices` CPU devices."""

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research import config, data, model, optim, param
+from research import config, model, optim, param
 from research import sharding as shd
 from research import step as steplib
 from research.attention import chunked_attention, xla_attention
 from research.config import Config, ConfigError, ModelConfig, OptimConfig, ParamConfig, ScheduleConfig
 from research.train import check_compatible
-from tests.conftest import TINY, compose
+from tests.conftest import TINY, compose, train_steps
 
 BASE = ("param.base_width=32", "param.base_depth=1")  # TINY is d_model 32; one layer below
 # Weight decay on, no warmup (the first step moves), untied readout, learned positions and
@@ -25,34 +25,16 @@ COMMON = ("model.n_layers=1", "optim=adamw", "optim.weight_decay=0.1", "schedule
           "model.tie_embeddings=false", "model.pos=learned", "model.norm=layernorm")
 
 
-def _train(*overrides: str, steps: int = 3, sharded: bool = False):
-    """Losses and final params of `steps` real train steps, on one device or sharded over 8."""
-    cfg = config.parse(compose(*TINY, *overrides))
-    corpus = data.load(cfg.data)
-    devices = jax.devices() if sharded else jax.devices()[:1]
-    mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
-    plan = steplib.plan(cfg, corpus.vocab_size, mesh)
-    train_step = steplib.make_train_step(steplib.make_loss_fn(plan.graphdef, mesh), plan.optimizer,
-                                         plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
-    state, losses = plan.fresh_state(), []
-    for s in range(steps):
-        batch = data.device_batch(corpus, data.TRAIN, cfg.train.seed, s, cfg.train.batch_size,
-                                  cfg.data.seq_len, shd.batch_sharding(mesh))
-        state, metrics = train_step(state, batch)
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state["params"])
-
-
 @pytest.fixture(scope="module")
 def sp_run():
-    return _train("param=sp", "mesh=single", *COMMON)
+    return train_steps("param=sp", "mesh=single", *COMMON)
 
 
 @pytest.mark.parametrize("name", ["mup", "completep"])
 def test_mup_and_completep_reproduce_sp_exactly_at_base_size(sp_run, name):
     sp_losses, sp_params = sp_run
     assert sp_losses[-1] < sp_losses[0]
-    losses, params = _train(f"param={name}", *BASE, "mesh=single", *COMMON)
+    losses, params = train_steps(f"param={name}", *BASE, "mesh=single", *COMMON)
     np.testing.assert_array_equal(losses, sp_losses)
     jax.tree.map(np.testing.assert_array_equal, params, sp_params)
 

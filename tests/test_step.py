@@ -5,41 +5,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import config, data, model
+from research import model
 from research import sharding as shd
 from research import step as steplib
-from tests.conftest import TINY, compose
+from tests.conftest import train_steps
 
-# RoPE on, and attention far from uniform (init_std); at 128 tokens the chunked kernel runs 2 query blocks (attention.CHUNK = 64).
-OVERRIDES = (*TINY, "model.pos=rope", "data.seq_len=128", "model.init_std=0.2")
+# RoPE on, attention far from uniform (init_std), and at 128 tokens the chunked
+# kernel runs 2 query blocks (attention.CHUNK = 64).
+OVERRIDES = ("model.pos=rope", "data.seq_len=128", "model.init_std=0.2", "mesh=single")
+STEPS = 4
 
 
-def _losses(*overrides: str, plain: bool, monkeypatch, steps: int = 4) -> np.ndarray:
-    """Losses of `steps` train steps; `plain` drops the CPU compiler options and builds the
-    RoPE tables with jnp inside the step (the path before the performance work)."""
-    if plain:
-        monkeypatch.setattr(steplib, "compiler_options", lambda mesh: None)
+def _jnp_rope_tables(length, k, theta):
+    """The tables as the step built them before: jnp ops traced into the step."""
+    inv_freq = theta ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
 
-        def jnp_rope_tables(length, k, theta):
-            inv_freq = theta ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
-            angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-            return jnp.cos(angles), jnp.sin(angles)
 
-        monkeypatch.setattr(model, "rope_tables", jnp_rope_tables)
-    cfg = config.parse(compose(*OVERRIDES, *overrides))
-    corpus = data.load(cfg.data)
-    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    plan = steplib.plan(cfg, corpus.vocab_size, mesh)
-    train_step = steplib.make_train_step(steplib.make_loss_fn(plan.graphdef, mesh), plan.optimizer,
-                                         plan.schedule, 1, plan.state_shardings, mesh)
-    state, losses = plan.fresh_state(), []
-    for s in range(steps):
-        batch = data.device_batch(corpus, data.TRAIN, 0, s, cfg.train.batch_size, cfg.data.seq_len,
-                                  shd.batch_sharding(mesh))
-        state, metrics = train_step(state, batch)
-        losses.append(float(metrics["loss"]))
-    monkeypatch.undo()
-    return np.array(losses)
+def _plain_losses(monkeypatch) -> np.ndarray:
+    """The path before the performance work: xla attention, jnp RoPE tables, default XLA options."""
+    with monkeypatch.context() as m:
+        m.setattr(steplib, "compiler_options", lambda mesh: None)
+        m.setattr(model, "rope_tables", _jnp_rope_tables)
+        return train_steps(*OVERRIDES, "model.attention=xla", steps=STEPS)[0]
 
 
 def test_cpu_steps_use_the_compiler_options():
@@ -49,8 +38,8 @@ def test_cpu_steps_use_the_compiler_options():
 
 @pytest.mark.parametrize("attention", ["chunked", "xla"])
 def test_optimised_step_matches_the_plain_step(attention, monkeypatch):
-    fast = _losses(f"model.attention={attention}", plain=False, monkeypatch=monkeypatch)
-    plain = _losses("model.attention=xla", plain=True, monkeypatch=monkeypatch)
+    fast = train_steps(*OVERRIDES, f"model.attention={attention}", steps=STEPS)[0]
+    plain = _plain_losses(monkeypatch)
     assert fast[-1] < fast[0]  # it trains
     # Within fp32 rounding of the reference path (xla attention, default XLA options).
     np.testing.assert_allclose(fast, plain, rtol=2e-6)
