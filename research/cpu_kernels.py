@@ -1,0 +1,186 @@
+"""MKL-backed CPU kernels for the train step: 2-D matmul and causal attention.
+
+XLA:CPU's own dot kernels run the reference step's matmuls 8-25% below MKL's
+SGEMM on the same machine, and XLA has no fused attention on CPU (see
+experiments/perf.md). `cpu_kernels.cc` holds three XLA FFI handlers built on
+MKL's SGEMM (sequential MKL, parallelised on XLA's own thread pool):
+
+  ladder_matmul          c = op(a) @ op(b), 2-D, fp32
+  ladder_attention_fwd   exact causal attention of (B, L, H, K) q, k, v, plus
+                         the log-sum-exp of each query row (B, H, L)
+  ladder_attention_bwd   dq, dk, dv from the saved log-sum-exp (the (L, L)
+                         probabilities are recomputed, never stored)
+
+`matmul` and `causal_attention` below wrap them with their gradients
+(`jax.custom_vjp`). The C++ is compiled on first use with the machine's C++
+compiler against jaxlib's FFI headers and the MKL of the `mkl` wheel (the
+`cpu` extra), then cached under $LADDER_CACHE/kernels (default
+~/.cache/ladder). `unavailable()` says why they cannot be used here (no MKL,
+no compiler, not x86-64 Linux), and the model then keeps XLA's kernels.
+
+The kernels see whole arrays, so they are only used on a single-device CPU
+mesh: under a multi-device mesh XLA would gather their operands onto every
+device. `model.matmul` and `model.attention` choose (config.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+# libmkl_intel_lp64 (32-bit ints) + libmkl_sequential + libmkl_core: MKL without its OpenMP pool.
+MKL_LIBS = ("mkl_intel_lp64", "mkl_sequential", "mkl_core")
+TARGETS = {"ladder_matmul": "LadderMatmul", "ladder_attention_fwd": "LadderAttentionFwd",
+           "ladder_attention_bwd": "LadderAttentionBwd"}
+
+
+def _mkl_dir() -> tuple[Path, str] | None:
+    """(directory, soname suffix) of an MKL runtime installed as a wheel or by conda."""
+    roots = [sys.prefix, os.environ.get("CONDA_PREFIX"), os.environ.get("MKLROOT")]
+    for root in filter(None, roots):
+        for core in sorted(glob.glob(os.path.join(root, "lib", "libmkl_core.so.*"))):
+            suffix = core.split("libmkl_core.so", 1)[1]  # ".3"
+            lib = Path(core).parent
+            if all((lib / f"lib{name}.so{suffix}").exists() for name in MKL_LIBS):
+                return lib, suffix
+    return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LADDER_CACHE", Path.home() / ".cache" / "ladder")) / "kernels"
+
+
+def _build(mkl: Path, suffix: str) -> Path:
+    """Compile cpu_kernels.cc once per (source, jaxlib, MKL, compiler); return the .so path."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (set CXX or install g++)")
+    include = jax.ffi.include_dir()
+    libs = [f"-l:lib{name}.so{suffix}" for name in MKL_LIBS]
+    cmd = [cxx, "-O3", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w", f"-I{include}", str(SOURCE),
+           f"-L{mkl}", *libs, f"-Wl,-rpath,{mkl}"]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd + [jax.__version__]).encode())
+    out = _cache_dir() / f"ladder_cpu_{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("compiling CPU kernels (once per machine): %s", out)
+    # Build to a private name, then rename: concurrent jobs of a sweep may race here.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([*cmd, "-o", str(tmp_out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            errors = [line for line in proc.stderr.splitlines() if "error" in line] or [proc.stderr.strip()]
+            raise RuntimeError(f"{cxx} failed: {errors[0].strip()}")
+        os.replace(tmp_out, out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable() -> str | None:
+    """None when the kernels are built, loaded and registered with XLA; else why not (one line)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"MKL kernels need x86-64 Linux, not {sys.platform}/{platform.machine()}"
+    found = _mkl_dir()
+    if found is None:
+        return "MKL not found (pip install 'ladder[cpu]', or mkl into this environment)"
+    try:
+        lib = ctypes.CDLL(str(_build(*found)))
+    except (OSError, RuntimeError) as err:
+        return f"CPU kernels could not be built: {err}"
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return None
+
+
+def _require() -> None:
+    reason = unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+# ------------------------------------------------------------------ matmul
+
+def _mm(a, b, trans_a: bool = False, trans_b: bool = False):
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    return jax.ffi.ffi_call("ladder_matmul", out)(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+@jax.custom_vjp
+def _matmul(x_NxD, w_DxF):
+    return _mm(x_NxD, w_DxF)
+
+
+def _matmul_fwd(x_NxD, w_DxF):
+    return _mm(x_NxD, w_DxF), (x_NxD, w_DxF)
+
+
+def _matmul_bwd(res, dy_NxF):
+    x_NxD, w_DxF = res
+    return _mm(dy_NxF, w_DxF, trans_b=True), _mm(x_NxD, dy_NxF, trans_a=True)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
+    """x @ w for float32 (N, D) @ (D, F) -> (N, F), with its gradient, on MKL."""
+    _require()
+    if x_NxD.dtype != jnp.float32 or w_DxF.dtype != jnp.float32:
+        raise TypeError(f"MKL matmul is float32 only, got {x_NxD.dtype} @ {w_DxF.dtype}")
+    return _matmul(x_NxD, w_DxF)
+
+
+# --------------------------------------------------------------- attention
+
+def _attn_fwd_call(q, k, v, scale: float):
+    B, L, H, _ = q.shape
+    outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
+    return jax.ffi.ffi_call("ladder_attention_fwd", outs)(q, k, v, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, scale):
+    return _attn_fwd_call(q, k, v, scale)[0]
+
+
+def _attention_fwd(q, k, v, scale):
+    o, lse = _attn_fwd_call(q, k, v, scale)
+    return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(scale, res, do):
+    q, k, v, o, lse = res
+    outs = tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3))
+    return jax.ffi.ffi_call("ladder_attention_bwd", outs)(q, k, v, o, lse, do, scale=np.float32(scale))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def causal_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
+                     scale: float) -> jax.Array:
+    """Exact causal softmax(scale * q k^T) v for float32 (B, L, H, K) inputs, with its gradient."""
+    _require()
+    if any(x.dtype != jnp.float32 for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)):
+        raise TypeError(f"MKL attention is float32 only, got {q_BxLxHxK.dtype}")
+    return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, float(scale))
