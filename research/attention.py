@@ -8,7 +8,9 @@ Shapes: q, k, v and the output are (B, L, H, K); see model.py for the letters.
            causal mask would throw away, is never computed: about half the
            attention FLOPs and softmax work for large C. Faster on CPU, where
            nothing fuses the masked softmax (see experiments/perf.md).
-  auto     chunked on CPU, xla elsewhere.
+  mkl      a fused causal kernel on MKL (cpu_kernels.py): no (L, L) matrix in
+           memory, no layout copies; float32, single-device CPU only.
+  auto     mkl where cpu_kernels.usable, else chunked on CPU, xla elsewhere.
 
 Every kernel takes `scale`, the factor on q.k: None means 1/sqrt(K); muP
 (param.py) passes one proportional to 1/K.
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from research import cpu_kernels
 
 CHUNK = 64  # query block length for `chunked`; measured best on a 2-core CPU at L = 128..256
 
@@ -54,9 +58,14 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK, scale
 
 
 def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
-    """Dispatch on `model.attention` (auto | xla | chunked); `scale` multiplies q.k (None: 1/sqrt(K))."""
+    """Dispatch on `model.attention` (auto | xla | chunked | mkl); `scale` multiplies q.k (None: 1/sqrt(K))."""
     if kind == "auto":
-        kind = "chunked" if jax.devices()[0].platform == "cpu" else "xla"
+        if cpu_kernels.usable(q_BxLxHxK.dtype):
+            kind = "mkl"
+        else:
+            kind = "chunked" if jax.devices()[0].platform == "cpu" else "xla"
+    if kind == "mkl":
+        return cpu_kernels.causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, _scale(q_BxLxHxK.shape[-1], scale))
     if kind == "chunked":
         return chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)
     return xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)

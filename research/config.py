@@ -24,7 +24,8 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block")
-ATTENTIONS = ("auto", "xla", "chunked")
+ATTENTIONS = ("auto", "xla", "chunked", "mkl")
+MATMULS = ("auto", "xla", "mkl")
 PARAMETERIZATIONS = ("sp", "mup", "completep")
 
 
@@ -48,7 +49,8 @@ class ModelConfig:
     share_layers: int = 0  # distinct blocks reused cyclically over depth; 0 = none
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: str = "none"
-    attention: str = "auto"  # auto | xla | chunked (see attention.py)
+    attention: str = "auto"  # auto | xla | chunked | mkl (see attention.py)
+    matmul: str = "auto"  # auto | xla | mkl: who runs the 2-D matmuls (see model.py)
     init_std: float = 0.02
     rope_theta: float = 10000.0
 
@@ -179,9 +181,14 @@ def validate(cfg: Config) -> None:
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.remat", m.remat, REMATS)
     _one_of("model.attention", m.attention, ATTENTIONS)
+    _one_of("model.matmul", m.matmul, MATMULS)
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("schedule.name", s.name, SCHEDULES)
     _one_of("data.name", d.name, DATASETS)
+    for name in ("attention", "matmul"):
+        if getattr(m, name) == "mkl" and m.dtype != "float32":
+            raise ConfigError(f"model.{name}", f"mkl kernels are float32 only, got model.dtype={m.dtype} "
+                              "(use auto or xla)")
     for name in ("d_model", "n_layers", "n_heads"):
         _positive(f"model.{name}", getattr(m, name))
     if m.d_model % m.n_heads:
@@ -293,9 +300,13 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The root config `python -m research.train OVERRIDES` composes (for tools beside train)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        try:
+            return hydra_compose(config_name="train", overrides=list(overrides))
+        except ConfigCompositionException as err:  # e.g. an override of a key the schema lacks
+            raise ConfigError("overrides", str(err).splitlines()[0]) from None
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:

@@ -110,6 +110,12 @@ def unavailable() -> str | None:
     return None
 
 
+def usable(dtype) -> bool:
+    """Whether `auto` picks these kernels: float32, one CPU device, kernels available."""
+    return (jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+            and jax.devices()[0].platform == "cpu" and unavailable() is None)
+
+
 def _require() -> None:
     reason = unavailable()
     if reason is not None:

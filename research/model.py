@@ -7,7 +7,8 @@ Tensor names carry their shapes. Single-letter dimensions:
   F  MLP hidden width           V  vocabulary size
 
 Matmuls are written on 2-D operands (N, D) @ (D, F): XLA's CPU dots are much
-faster that way than on 3-D (B, L, D) operands, and GPUs do not mind.
+faster that way than on 3-D (B, L, D) operands, and GPUs do not mind. On a
+single-device CPU they run on MKL where it is installed (`matmul` below).
 
 Every weight carries `axes`, its logical dimension names ('vocab', 'embed',
 'heads', 'mlp'); sharding.py maps those names onto mesh axes, so data, FSDP
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research import param
+from research import cpu_kernels, param
 from research.attention import attention_probs, causal_attention, mean_abs_logits
 from research.config import ModelConfig, ParamConfig, d_ff, d_head
 
@@ -47,6 +48,14 @@ def _tap(taps: Taps | None, name: str, x: jax.Array) -> None:
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value, axes=axes)
+
+
+def matmul(kind: str, x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
+    """x @ w, (N, D) @ (D, F) -> (N, F), by `model.matmul`: mkl runs MKL's SGEMM
+    (cpu_kernels.py), auto picks it where `cpu_kernels.usable`, xla is XLA's dot."""
+    if kind == "mkl" or (kind == "auto" and cpu_kernels.usable(x_NxD.dtype)):
+        return cpu_kernels.matmul(x_NxD, w_DxF)
+    return x_NxD @ w_DxF
 
 
 class Norm(nnx.Module):
@@ -97,6 +106,7 @@ class Block(nnx.Module):
         D, H, K, F = cfg.d_model, cfg.n_heads, d_head(cfg), d_ff(cfg)
         std, out_std = mult.hidden_std, mult.out_std
         self.n_heads, self.dtype, self.attention = H, jnp.dtype(cfg.dtype), cfg.attention
+        self.matmul = cfg.matmul
         self.residual, self.attn_scale = mult.residual, mult.attn_scale
         self.attn_norm = Norm(D, cfg.norm)
         self.wq = _param(rngs, (D, H * K), ("embed", "heads"), std)
@@ -107,16 +117,16 @@ class Block(nnx.Module):
         self.w_in = _param(rngs, (D, F), ("embed", "mlp"), std)
         self.w_out = _param(rngs, (F, D), ("mlp", "embed"), out_std)
 
-    def _w(self, p: nnx.Param) -> jax.Array:
-        return p[...].astype(self.dtype)
+    def _mm(self, x_NxD: jax.Array, p: nnx.Param) -> jax.Array:
+        return matmul(self.matmul, x_NxD, p[...].astype(self.dtype))
 
     def _qkv(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         B, L, D = x_BxLxD.shape
         H = self.n_heads
         h_NxD = self.attn_norm(x_BxLxD.reshape(B * L, D))
-        q_BxLxHxK = (h_NxD @ self._w(self.wq)).reshape(B, L, H, -1)
-        k_BxLxHxK = (h_NxD @ self._w(self.wk)).reshape(B, L, H, -1)
-        v_BxLxHxK = (h_NxD @ self._w(self.wv)).reshape(B, L, H, -1)
+        q_BxLxHxK = self._mm(h_NxD, self.wq).reshape(B, L, H, -1)
+        k_BxLxHxK = self._mm(h_NxD, self.wk).reshape(B, L, H, -1)
+        v_BxLxHxK = self._mm(h_NxD, self.wv).reshape(B, L, H, -1)
         if rope is not None:
             q_BxLxHxK = apply_rope(q_BxLxHxK, *rope)
             k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)
@@ -127,10 +137,10 @@ class Block(nnx.Module):
         """Everything after attention: output projection, residual, MLP."""
         B, L, D = x_BxLxD.shape
         # CompleteP scales each branch by m_L^-alpha (1 under sp and mup).
-        attn_NxD = self.residual * (o_BxLxHxK.reshape(B * L, -1) @ self._w(self.wo))
+        attn_NxD = self.residual * self._mm(o_BxLxHxK.reshape(B * L, -1), self.wo)
         x_NxD = x_BxLxD.reshape(B * L, D) + attn_NxD
-        h_NxF = jax.nn.gelu(self.mlp_norm(x_NxD) @ self._w(self.w_in))
-        mlp_NxD = self.residual * (h_NxF @ self._w(self.w_out))
+        h_NxF = jax.nn.gelu(self._mm(self.mlp_norm(x_NxD), self.w_in))
+        mlp_NxD = self.residual * self._mm(h_NxF, self.w_out)
         x_NxD = x_NxD + mlp_NxD
         _tap(taps, f"{name}.attn", attn_NxD)
         _tap(taps, f"{name}.mlp", mlp_NxD)
@@ -208,9 +218,10 @@ class Transformer(nnx.Module):
         # muP's readout multiplier (1 / m_N; 1 under sp), on the (N, D) side: cheaper than on (N, V).
         h_NxD = self.final_norm(x_BxLxD.reshape(B * L, -1)) * self.logit_mult
         if self.cfg.tie_embeddings:
-            logits_NxV = h_NxD @ self.embed[...].astype(self.dtype).T
+            w_DxV = self.embed[...].astype(self.dtype).T
         else:
-            logits_NxV = h_NxD @ self.unembed[...].astype(self.dtype)
+            w_DxV = self.unembed[...].astype(self.dtype)
+        logits_NxV = matmul(self.cfg.matmul, h_NxD, w_DxV)
         return logits_NxV.astype(jnp.float32).reshape(B, L, -1)
 
     def __call__(self, tokens_BxL: jax.Array, constrain: Constrain | None = None,
