@@ -57,13 +57,18 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK, scale
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
+def resolve(kind: str, dtype) -> str:
+    """The kernel `model.attention=kind` runs for inputs of `dtype`: auto becomes mkl, chunked or xla."""
+    if kind != "auto":
+        return kind
+    if cpu_kernels.usable(dtype):
+        return "mkl"
+    return "chunked" if jax.devices()[0].platform == "cpu" else "xla"
+
+
 def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
     """Dispatch on `model.attention` (auto | xla | chunked | mkl); `scale` multiplies q.k (None: 1/sqrt(K))."""
-    if kind == "auto":
-        if cpu_kernels.usable(q_BxLxHxK.dtype):
-            kind = "mkl"
-        else:
-            kind = "chunked" if jax.devices()[0].platform == "cpu" else "xla"
+    kind = resolve(kind, q_BxLxHxK.dtype)
     if kind == "mkl":
         return cpu_kernels.causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, _scale(q_BxLxHxK.shape[-1], scale))
     if kind == "chunked":

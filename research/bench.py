@@ -4,10 +4,11 @@ Prints one JSON line: the config, tokens/s, model FLOP/s (PaLM accounting,
 see flops.py), the peak it is compared with and their ratio (MFU), step time
 (median and best of the timed steps), first-step compile time and peak memory.
 
-On CPU the peak is the sustained fp32 matmul rate, measured in this process
-for a few seconds just before and just after the timed steps; the larger of
-the two is used, so a machine that slows down mid-run does not flatter the
-ratio. `cpu_steal` is the share of CPU time the hypervisor took during the
+On CPU the peak is the sustained fp32 matmul rate of the fastest GEMM the
+process has (XLA's dot, and MKL's where the step uses cpu_kernels; `kernels`
+says which kernels the step ran), measured for a few seconds just before and
+just after the timed steps; the larger of the two is used, so a machine that
+slows down mid-run does not flatter the ratio. `cpu_steal` is the share of CPU time the hypervisor took during the
 timed steps (Linux): when it is not near 0 the figures are noisy.
 On accelerators the peak is the datasheet's. Overrides use the same names as
 `research.train`; the defaults are the reference config for a 2-core CPU:
@@ -25,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from research import config, data, flops
+from research import attention, config, data, flops, model
 from research import sharding as shd
 from research import step as steplib
 
@@ -68,8 +69,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     vocab, seq_len, t = corpus.vocab_size, cfg.data.seq_len, cfg.train
     on_cpu = devices[0].platform == "cpu"
     if on_cpu:  # before any other work; again after the timed steps
-        peak_before = flops.measure_matmul_flops(seconds=PEAK_SECONDS)
-        peak_source = "measured:cpu fp32 1024^3 matmul, sustained"
+        peak_before, kernel = flops.cpu_peak(seconds=PEAK_SECONDS)
     else:
         peak, peak_source = flops.peak_flops(devices[0])
         peak *= len(devices)
@@ -101,8 +101,10 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     steal = (None if ticks0 is None or ticks1 is None or ticks1[1] == ticks0[1]
              else (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1]))
     if on_cpu:
-        peak_after = flops.measure_matmul_flops(seconds=PEAK_SECONDS)
+        peak_after, kernel_after = flops.cpu_peak(seconds=PEAK_SECONDS)
         peak = max(peak_before, peak_after)
+        kernel = kernel if peak_before >= peak_after else kernel_after
+        peak_source = f"measured:cpu fp32 1024^3 matmul ({kernel}), sustained"
     step_time = float(np.median(times))
     tokens_per_s = t.batch_size * seq_len / step_time
     model_flops = tokens_per_s * flops.flops_per_token(cfg.model, vocab, seq_len)
@@ -128,6 +130,8 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         "timed_steps": steps,
         "cpu_steal": steal,
         "compiler_options": steplib.compiler_options(mesh),
+        "kernels": {"matmul": model.resolve_matmul(m.matmul, m.dtype),
+                    "attention": attention.resolve(m.attention, m.dtype)},
         "final_loss": float(metrics["loss"]),
     }
 

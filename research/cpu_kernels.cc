@@ -117,12 +117,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b,
 // ------------------------------------------------------------- attention
 //
 // Exact causal softmax attention, one (batch, head) pair per part, in query
-// blocks of kBlock rows: block i multiplies only keys 0 .. end of block i, so
+// blocks of `block` rows: block i multiplies only keys 0 .. end of block i, so
 // the upper triangle is never computed. The forward saves the log-sum-exp of
 // each query row; the backward recomputes the probabilities from it (as
 // FlashAttention does) instead of storing the (L, L) matrix.
-
-constexpr int64_t kBlock = 64;
 
 struct Dims {
   int64_t B, L, H, K;
@@ -148,7 +146,7 @@ void CausalScores(const Dims& d, const float* q, const float* k, float scale, in
 
 ffi::Error AttentionFwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
                         Rank4 v, ffi::Result<Rank4> o,
-                        ffi::Result<Rank3> lse, float scale) {
+                        ffi::Result<Rank3> lse, float scale, int64_t block) {
   const Dims d = DimsOf(q);
   const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
   float *po = o->typed_data(), *plse = lse->typed_data();
@@ -157,9 +155,9 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
     const float *qh = pq + off, *kh = pk + off, *vh = pv + off;
     float* oh = po + off;
     float* lse_h = plse + bh * d.L;  // (B, H, L)
-    std::vector<float> s(kBlock * d.L);
-    for (int64_t r0 = 0; r0 < d.L; r0 += kBlock) {
-      const int64_t r1 = std::min(d.L, r0 + kBlock);
+    std::vector<float> s(block * d.L);
+    for (int64_t r0 = 0; r0 < d.L; r0 += block) {
+      const int64_t r1 = std::min(d.L, r0 + block);
       CausalScores(d, qh, kh, scale, r0, r1, s.data());
       // Softmax of each row over keys 0..r, in place: subtract the row max, one exp over the
       // whole block (masked entries are -inf and become 0), normalise.
@@ -194,7 +192,7 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
                         Rank4 v, Rank4 o,
                         Rank3 lse, Rank4 d_o,
                         ffi::Result<Rank4> dq, ffi::Result<Rank4> dk,
-                        ffi::Result<Rank4> dv, float scale) {
+                        ffi::Result<Rank4> dv, float scale, int64_t block) {
   const Dims d = DimsOf(q);
   const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
   const float *po = o.typed_data(), *plse = lse.typed_data(), *pdo = d_o.typed_data();
@@ -204,7 +202,7 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
     const float *qh = pq + off, *kh = pk + off, *vh = pv + off, *oh = po + off, *doh = pdo + off;
     const float* lse_h = plse + bh * d.L;
     float *dqh = pdq + off, *dkh = pdk + off, *dvh = pdv + off;
-    std::vector<float> p(kBlock * d.L), dp(kBlock * d.L), delta(d.L);
+    std::vector<float> p(block * d.L), dp(block * d.L), delta(d.L);
     for (int64_t r = 0; r < d.L; ++r) {  // delta_r = do_r . o_r; dk, dv accumulate from 0
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -213,8 +211,8 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
       std::fill(dkh + r * ld, dkh + r * ld + d.K, 0.0f);
       std::fill(dvh + r * ld, dvh + r * ld + d.K, 0.0f);
     }
-    for (int64_t r0 = 0; r0 < d.L; r0 += kBlock) {
-      const int64_t r1 = std::min(d.L, r0 + kBlock), rows = r1 - r0;
+    for (int64_t r0 = 0; r0 < d.L; r0 += block) {
+      const int64_t r1 = std::min(d.L, r0 + block), rows = r1 - r0;
       CausalScores(d, qh, kh, scale, r0, r1, p.data());
       for (int64_t r = r0; r < r1; ++r) {  // p = exp(s - lse): the forward's probabilities
         float* row = p.data() + (r - r0) * r1;
@@ -259,7 +257,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwd, AttentionFwd,
                                   .Arg<Rank4>()
                                   .Ret<Rank4>()
                                   .Ret<Rank3>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwd, AttentionBwd,
                               ffi::Ffi::Bind()
@@ -273,4 +272,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwd, AttentionBwd,
                                   .Ret<Rank4>()
                                   .Ret<Rank4>()
                                   .Ret<Rank4>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block"));

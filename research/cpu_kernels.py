@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # libmkl_intel_lp64 (32-bit ints) + libmkl_sequential + libmkl_core: MKL without its OpenMP pool.
 MKL_LIBS = ("mkl_intel_lp64", "mkl_sequential", "mkl_core")
+ATTENTION_BLOCK = 64  # query rows per block of the attention kernels
 TARGETS = {"ladder_matmul": "LadderMatmul", "ladder_attention_fwd": "LadderAttentionFwd",
            "ladder_attention_bwd": "LadderAttentionBwd"}
 
@@ -161,7 +162,7 @@ def matmul(x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
 def _attn_fwd_call(q, k, v, scale: float):
     B, L, H, _ = q.shape
     outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
-    return jax.ffi.ffi_call("ladder_attention_fwd", outs)(q, k, v, scale=np.float32(scale))
+    return jax.ffi.ffi_call("ladder_attention_fwd", outs)(q, k, v, scale=np.float32(scale), block=np.int64(ATTENTION_BLOCK))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -177,7 +178,8 @@ def _attention_fwd(q, k, v, scale):
 def _attention_bwd(scale, res, do):
     q, k, v, o, lse = res
     outs = tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3))
-    return jax.ffi.ffi_call("ladder_attention_bwd", outs)(q, k, v, o, lse, do, scale=np.float32(scale))
+    return jax.ffi.ffi_call("ladder_attention_bwd", outs)(q, k, v, o, lse, do, scale=np.float32(scale),
+                                                            block=np.int64(ATTENTION_BLOCK))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

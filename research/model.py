@@ -50,10 +50,17 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float) -> n
     return nnx.Param(value, axes=axes)
 
 
+def resolve_matmul(kind: str, dtype) -> str:
+    """The kernel `model.matmul=kind` runs for `dtype`: auto is mkl where `cpu_kernels.usable`, else xla."""
+    if kind == "auto":
+        return "mkl" if cpu_kernels.usable(dtype) else "xla"
+    return kind
+
+
 def matmul(kind: str, x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
     """x @ w, (N, D) @ (D, F) -> (N, F), by `model.matmul`: mkl runs MKL's SGEMM
-    (cpu_kernels.py), auto picks it where `cpu_kernels.usable`, xla is XLA's dot."""
-    if kind == "mkl" or (kind == "auto" and cpu_kernels.usable(x_NxD.dtype)):
+    (cpu_kernels.py), xla is XLA's dot."""
+    if resolve_matmul(kind, x_NxD.dtype) == "mkl":
         return cpu_kernels.matmul(x_NxD, w_DxF)
     return x_NxD @ w_DxF
 

@@ -20,9 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from research import model, optim, param
+from research import cpu_kernels, model, optim, param
 from research import sharding as shd
-from research.config import Config
+from research.config import Config, ConfigError
 
 State = dict
 
@@ -184,8 +184,24 @@ class Plan:
         return shd.abstract_with_shardings(shapes, self.state_shardings)
 
 
+def check_kernels(cfg: Config, mesh: Mesh) -> None:
+    """ConfigError when `model.matmul` or `model.attention` asks for the MKL kernels
+    (cpu_kernels.py) where they cannot run: not built here, or not a one-device CPU mesh."""
+    for name in ("matmul", "attention"):
+        if getattr(cfg.model, name) != "mkl":
+            continue
+        platform = mesh.devices.flat[0].platform
+        reason = cpu_kernels.unavailable()
+        if reason is None and (mesh.size != 1 or platform != "cpu"):
+            reason = f"needs a one-device CPU mesh, got {mesh.size} {platform} device(s)"
+        if reason is not None:
+            raise ConfigError(f"model.{name}", f"mkl: {reason}; use auto or xla")
+
+
 def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:
     """Model structure, optimizer, schedule and state shardings for `cfg` on `mesh`."""
+    check_kernels(cfg, mesh)
+
     def build_model():
         return model.build(cfg.model, vocab, cfg.data.seq_len, cfg.train.seed, cfg.param)
 

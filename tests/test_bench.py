@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -22,6 +23,11 @@ def test_bench_prints_one_json_line(repo):
     # The ratio is what it says: model FLOP/s over the measured peak.
     assert result["mfu"] == result["model_flops_per_s"] / result["peak_flops_per_s"]
     assert result["peak_source"].startswith("measured:cpu")
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        # One CPU device with MKL installed (the cpu extra): auto runs the MKL kernels, and the
+        # peak is the faster of XLA's and MKL's matmuls.
+        assert result["kernels"] == {"matmul": "mkl", "attention": "mkl"}
+        assert result["peak_source"].split("(")[1].split(")")[0] in ("mkl", "xla")
 
 
 def test_bench_rejects_bad_config(repo):

@@ -1,5 +1,8 @@
 """The optimised CPU train step computes what the plain one computes (experiments/perf.md)."""
 
+import platform
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,11 +27,11 @@ def _jnp_rope_tables(length, k, theta):
 
 
 def _plain_losses(monkeypatch) -> np.ndarray:
-    """The path before the performance work: xla attention, jnp RoPE tables, default XLA options."""
+    """The path before the performance work: XLA's attention and dots, jnp RoPE tables, default XLA options."""
     with monkeypatch.context() as m:
         m.setattr(steplib, "compiler_options", lambda mesh: None)
         m.setattr(model, "rope_tables", _jnp_rope_tables)
-        return train_steps(*OVERRIDES, "model.attention=xla", steps=STEPS)[0]
+        return train_steps(*OVERRIDES, "model.attention=xla", "model.matmul=xla", steps=STEPS)[0]
 
 
 def test_cpu_steps_use_the_compiler_options():
@@ -36,12 +39,19 @@ def test_cpu_steps_use_the_compiler_options():
     assert steplib.compiler_options(mesh) == steplib.CPU_COMPILER_OPTIONS
 
 
-@pytest.mark.parametrize("attention", ["chunked", "xla"])
-def test_optimised_step_matches_the_plain_step(attention, monkeypatch):
-    fast = train_steps(*OVERRIDES, f"model.attention={attention}", steps=STEPS)[0]
+# mkl: the MKL kernels (cpu_kernels.py) for every matmul and attention (x86-64 Linux).
+KERNELS = [("chunked", "xla"), ("xla", "xla"),
+           pytest.param("mkl", "mkl", marks=pytest.mark.skipif(
+               sys.platform != "linux" or platform.machine() != "x86_64", reason="MKL: x86-64 Linux"))]
+
+
+@pytest.mark.parametrize("attention, matmul", KERNELS)
+def test_optimised_step_matches_the_plain_step(attention, matmul, monkeypatch):
+    fast = train_steps(*OVERRIDES, f"model.attention={attention}", f"model.matmul={matmul}",
+                       steps=STEPS)[0]
     plain = _plain_losses(monkeypatch)
     assert fast[-1] < fast[0]  # it trains
-    # Within fp32 rounding of the reference path (xla attention, default XLA options).
+    # Within fp32 rounding of the reference path (XLA's attention and dots, default XLA options).
     np.testing.assert_allclose(fast, plain, rtol=2e-6)
 
 

@@ -1,0 +1,85 @@
+"""The MKL CPU kernels (research/cpu_kernels.py) compute what XLA computes, gradients included."""
+
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import attention, config, cpu_kernels
+from research import sharding as shd
+from research import step as steplib
+from tests.conftest import compose
+
+X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"
+pytestmark = pytest.mark.skipif(not X86_LINUX, reason="MKL kernels are built on x86-64 Linux only")
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def test_kernels_build_here():
+    # `make install` puts MKL in the venv (the cpu extra): the kernels must load, not fall back.
+    assert cpu_kernels.unavailable() is None
+
+
+def test_without_mkl_they_say_why(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_mkl_dir", lambda: None)
+    assert "MKL not found" in cpu_kernels.unavailable.__wrapped__()
+
+
+# (N, D) @ (D, F): rows not a multiple of the 64-row split, and a tiny one.
+@pytest.mark.parametrize("n, d, f", [(300, 48, 33), (5, 7, 3)])
+def test_matmul_and_its_gradients_match_xla(n, d, f):
+    x, w, dy = _normal(0, (n, d)), _normal(1, (d, f)), _normal(2, (n, f))
+
+    def loss(mm, x, w):
+        return (mm(x, w) * dy).sum()
+
+    mkl = jax.jit(jax.value_and_grad(lambda x, w: loss(cpu_kernels.matmul, x, w), argnums=(0, 1)))
+    ref = jax.jit(jax.value_and_grad(lambda x, w: loss(jnp.matmul, x, w), argnums=(0, 1)))
+    (l_mkl, g_mkl), (l_ref, g_ref) = mkl(x, w), ref(x, w)
+    np.testing.assert_allclose(jax.jit(cpu_kernels.matmul)(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l_mkl, l_ref, rtol=1e-5)
+    for a, b in zip(g_mkl, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# L = 100 ends in a partial query block (cpu_kernels.ATTENTION_BLOCK = 64); scale 1/K is muP's.
+@pytest.mark.parametrize("L, scale", [(100, None), (128, 1 / 16), (1, None)])
+def test_attention_and_its_gradients_match_xla(L, scale):
+    B, H, K = 2, 3, 16
+    q, k, v, do = (_normal(i, (B, L, H, K)) * 2 for i in range(4))
+
+    def loss(kind, q, k, v):
+        return (attention.causal_attention(kind, q, k, v, scale) * do).sum()
+
+    outs = {}
+    for kind in ("mkl", "xla"):
+        out = jax.jit(lambda q, k, v: attention.causal_attention(kind, q, k, v, scale))(q, k, v)
+        grads = jax.jit(jax.grad(lambda q, k, v: loss(kind, q, k, v), argnums=(0, 1, 2)))(q, k, v)
+        outs[kind] = (out, *grads)
+    for a, b in zip(outs["mkl"], outs["xla"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_mkl_needs_one_cpu_device():
+    cfg = config.parse(compose("model.matmul=mkl"))
+    mesh = shd.make_mesh((8, 1, 1), jax.devices()[:8])
+    with pytest.raises(config.ConfigError, match="model.matmul: mkl: needs a one-device CPU mesh"):
+        steplib.check_kernels(cfg, mesh)
+    steplib.check_kernels(cfg, shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+
+
+def test_mkl_is_float32_only():
+    with pytest.raises(config.ConfigError, match="model.attention: mkl kernels are float32 only"):
+        config.parse(compose("model.attention=mkl", "model.dtype=bfloat16"))
+
+
+def test_auto_picks_mkl_only_on_a_single_cpu_device():
+    # The test process has 8 simulated devices: auto keeps XLA's kernels here.
+    assert not cpu_kernels.usable(jnp.float32)
+    assert attention.resolve("auto", jnp.float32) == "chunked"
