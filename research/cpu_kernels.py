@@ -105,6 +105,7 @@ def unavailable() -> str | None:
     try:
         lib = ctypes.CDLL(str(_build(*found)))
     except (OSError, RuntimeError) as err:
+        log.warning("CPU kernels unavailable, XLA's kernels are used instead: %s", err)
         return f"CPU kernels could not be built: {err}"
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")

@@ -1,0 +1,69 @@
+"""Interleaved A/B of train-step variants in one process: the comparison perf.md trusts.
+
+    python experiments/step_ab.py "model.matmul=xla model.attention=chunked" "" [--rounds 8]
+
+Each argument is one variant: space-separated overrides on top of the bench's
+reference config (`research.bench.REFERENCE`; "" is the default step). All
+variants are compiled first, then their steps alternate, `--rounds` rounds of
+2 steps each, so a machine whose speed drifts (a shared VM) slows every
+variant alike. Prints each variant's median and best step time, model FLOP/s
+and last loss. Runs on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+
+from research import config, data, flops
+from research import sharding as shd
+from research import step as steplib
+from research.bench import REFERENCE
+
+
+def compiled_step(overrides: list[str], mesh):
+    """(jitted step, fresh state, batch, FLOPs per step) for the reference config + overrides."""
+    cfg = config.parse(config.compose([*REFERENCE, *overrides]))
+    corpus = data.load(cfg.data)
+    plan = steplib.plan(cfg, corpus.vocab_size, mesh)
+    batch = data.device_batch(corpus, data.TRAIN, cfg.train.seed, 0, cfg.train.batch_size,
+                              cfg.data.seq_len, shd.batch_sharding(mesh))
+    step = steplib.make_train_step(steplib.make_loss_fn(plan.graphdef, mesh), plan.optimizer,
+                                   plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    per_step = tokens * flops.flops_per_token(cfg.model, corpus.vocab_size, cfg.data.seq_len)
+    return step, plan.fresh_state(), batch, per_step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", nargs="+", help='overrides of one variant, e.g. "model.matmul=xla"')
+    ap.add_argument("--rounds", type=int, default=8)
+    args = ap.parse_args()
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    runs = {}
+    for variant in args.variants:
+        step, state, batch, per_step = compiled_step(variant.split(), mesh)
+        state, metrics = step(state, batch)  # compile and warm up
+        jax.block_until_ready(metrics)
+        runs[variant] = {"step": step, "state": state, "batch": batch, "flops": per_step,
+                         "times": [], "loss": None}
+    for _ in range(args.rounds):
+        for run in runs.values():
+            for _ in range(2):
+                t0 = time.perf_counter()
+                run["state"], metrics = run["step"](run["state"], run["batch"])
+                jax.block_until_ready(metrics)
+                run["times"].append(time.perf_counter() - t0)
+                run["loss"] = float(metrics["loss"])
+    for variant, run in runs.items():
+        med, best = statistics.median(run["times"]), min(run["times"])
+        print(f"{variant or '(default)':50s} median {med:.3f} s ({run['flops'] / med / 1e9:.1f} GFLOP/s)"
+              f"  best {best:.3f} s ({run['flops'] / best / 1e9:.1f})  loss {run['loss']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
