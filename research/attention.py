@@ -67,10 +67,12 @@ def resolve(kind: str, dtype) -> str:
 
 
 def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
-    """Dispatch on `model.attention` (auto | xla | chunked | mkl); `scale` multiplies q.k (None: 1/sqrt(K))."""
+    """Dispatch on `model.attention` (auto | xla | chunked | mkl); `scale` multiplies q.k
+    (None: 1/sqrt(K))."""
     kind = resolve(kind, q_BxLxHxK.dtype)
     if kind == "mkl":
-        return cpu_kernels.causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, _scale(q_BxLxHxK.shape[-1], scale))
+        scale = _scale(q_BxLxHxK.shape[-1], scale)
+        return cpu_kernels.causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale)
     if kind == "chunked":
         return chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)
     return xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)

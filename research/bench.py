@@ -8,8 +8,9 @@ On CPU the peak is the sustained fp32 matmul rate of the fastest GEMM the
 process has (XLA's dot, and MKL's where the step uses cpu_kernels; `kernels`
 says which kernels the step ran), measured for a few seconds just before and
 just after the timed steps; the larger of the two is used, so a machine that
-slows down mid-run does not flatter the ratio. `cpu_steal` is the share of CPU time the hypervisor took during the
-timed steps (Linux): when it is not near 0 the figures are noisy.
+slows down mid-run does not flatter the ratio. `cpu_steal` is the share of
+CPU time the hypervisor took during the timed steps (Linux): when it is not
+near 0 the figures are noisy.
 On accelerators the peak is the datasheet's. Overrides use the same names as
 `research.train`; the defaults are the reference config for a 2-core CPU:
 n_layers=6, n_heads=6, d_model=384, seq_len=256, batch_size=16, vocab 256,
@@ -26,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from research import attention, config, data, flops, model
+from research import config, data, flops
 from research import sharding as shd
 from research import step as steplib
 
@@ -130,8 +131,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         "timed_steps": steps,
         "cpu_steal": steal,
         "compiler_options": steplib.compiler_options(mesh),
-        "kernels": {"matmul": model.resolve_matmul(m.matmul, m.dtype),
-                    "attention": attention.resolve(m.attention, m.dtype)},
+        "kernels": steplib.kernels(cfg),
         "final_loss": float(metrics["loss"]),
     }
 

@@ -187,8 +187,8 @@ def validate(cfg: Config) -> None:
     _one_of("data.name", d.name, DATASETS)
     for name in ("attention", "matmul"):
         if getattr(m, name) == "mkl" and m.dtype != "float32":
-            raise ConfigError(f"model.{name}", f"mkl kernels are float32 only, got model.dtype={m.dtype} "
-                              "(use auto or xla)")
+            raise ConfigError(f"model.{name}", "mkl kernels are float32 only, got "
+                              f"model.dtype={m.dtype} (use auto or xla)")
     for name in ("d_model", "n_layers", "n_heads"):
         _positive(f"model.{name}", getattr(m, name))
     if m.d_model % m.n_heads:

@@ -75,8 +75,8 @@ def _build(mkl: Path, suffix: str) -> Path:
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
     include = jax.ffi.include_dir()
     libs = [f"-l:lib{name}.so{suffix}" for name in MKL_LIBS]
-    cmd = [cxx, "-O3", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w", f"-I{include}", str(SOURCE),
-           f"-L{mkl}", *libs, f"-Wl,-rpath,{mkl}"]
+    cmd = [cxx, "-O3", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w", f"-I{include}",
+           str(SOURCE), f"-L{mkl}", *libs, f"-Wl,-rpath,{mkl}"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd + [jax.__version__]).encode())
     out = _cache_dir() / f"ladder_cpu_{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -88,7 +88,8 @@ def _build(mkl: Path, suffix: str) -> Path:
         tmp_out = Path(tmp) / out.name
         proc = subprocess.run([*cmd, "-o", str(tmp_out)], capture_output=True, text=True)
         if proc.returncode != 0:
-            errors = [line for line in proc.stderr.splitlines() if "error" in line] or [proc.stderr.strip()]
+            errors = [line for line in proc.stderr.splitlines() if "error" in line]
+            errors = errors or [proc.stderr.strip()]
             raise RuntimeError(f"{cxx} failed: {errors[0].strip()}")
         os.replace(tmp_out, out)
     return out
@@ -160,27 +161,34 @@ def matmul(x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------- attention
 
-def _attn_fwd_call(q, k, v, scale: float):
-    B, L, H, _ = q.shape
-    outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, L), jnp.float32))
-    return jax.ffi.ffi_call("ladder_attention_fwd", outs)(q, k, v, scale=np.float32(scale), block=np.int64(ATTENTION_BLOCK))
+def _attn_attrs(scale: float) -> dict:
+    # FFI attributes are typed: the handlers read an f32 scale and an i64 block.
+    return {"scale": np.float32(scale), "block": np.int64(ATTENTION_BLOCK)}
+
+
+def _attn_fwd_call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float):
+    """(o_BxLxHxK, lse_BxHxL): the output and each query row's log-sum-exp."""
+    B, L, H, _ = q_BxLxHxK.shape
+    outs = (jax.ShapeDtypeStruct(q_BxLxHxK.shape, jnp.float32),
+            jax.ShapeDtypeStruct((B, H, L), jnp.float32))
+    call = jax.ffi.ffi_call("ladder_attention_fwd", outs)
+    return call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, **_attn_attrs(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, scale):
-    return _attn_fwd_call(q, k, v, scale)[0]
+def _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale):
+    return _attn_fwd_call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale)[0]
 
 
-def _attention_fwd(q, k, v, scale):
-    o, lse = _attn_fwd_call(q, k, v, scale)
-    return o, (q, k, v, o, lse)
+def _attention_fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale):
+    o_BxLxHxK, lse_BxHxL = _attn_fwd_call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale)
+    return o_BxLxHxK, (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, o_BxLxHxK, lse_BxHxL)
 
 
-def _attention_bwd(scale, res, do):
-    q, k, v, o, lse = res
-    outs = tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3))
-    return jax.ffi.ffi_call("ladder_attention_bwd", outs)(q, k, v, o, lse, do, scale=np.float32(scale),
-                                                            block=np.int64(ATTENTION_BLOCK))
+def _attention_bwd(scale, res, do_BxLxHxK):
+    """(dq, dk, dv), each (B, L, H, K)."""
+    outs = tuple(jax.ShapeDtypeStruct(do_BxLxHxK.shape, jnp.float32) for _ in range(3))
+    return jax.ffi.ffi_call("ladder_attention_bwd", outs)(*res, do_BxLxHxK, **_attn_attrs(scale))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -51,7 +51,8 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float) -> n
 
 
 def resolve_matmul(kind: str, dtype) -> str:
-    """The kernel `model.matmul=kind` runs for `dtype`: auto is mkl where `cpu_kernels.usable`, else xla."""
+    """The kernel `model.matmul=kind` runs for `dtype`: auto is mkl where
+    `cpu_kernels.usable`, else xla."""
     if kind == "auto":
         return "mkl" if cpu_kernels.usable(dtype) else "xla"
     return kind

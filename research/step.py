@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from research import cpu_kernels, model, optim, param
+from research import attention, cpu_kernels, model, optim, param
 from research import sharding as shd
 from research.config import Config, ConfigError
 
@@ -196,6 +196,13 @@ def check_kernels(cfg: Config, mesh: Mesh) -> None:
             reason = f"needs a one-device CPU mesh, got {mesh.size} {platform} device(s)"
         if reason is not None:
             raise ConfigError(f"model.{name}", f"mkl: {reason}; use auto or xla")
+
+
+def kernels(cfg: Config) -> dict[str, str]:
+    """The matmul and attention kernels the step runs for `cfg` here (`auto` resolved)."""
+    m = cfg.model
+    return {"matmul": model.resolve_matmul(m.matmul, m.dtype),
+            "attention": attention.resolve(m.attention, m.dtype)}
 
 
 def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:

@@ -260,6 +260,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "mfu": mfu,
         "peak_flops": peak,
         "peak_source": peak_source,
+        "kernels": steplib.kernels(cfg),
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - wall0,
         "devices": len(devices),

@@ -27,7 +27,8 @@ def _jnp_rope_tables(length, k, theta):
 
 
 def _plain_losses(monkeypatch) -> np.ndarray:
-    """The path before the performance work: XLA's attention and dots, jnp RoPE tables, default XLA options."""
+    """The path before the performance work: XLA's attention and dots, jnp RoPE tables,
+    default XLA options."""
     with monkeypatch.context() as m:
         m.setattr(steplib, "compiler_options", lambda mesh: None)
         m.setattr(model, "rope_tables", _jnp_rope_tables)

@@ -12,6 +12,7 @@ METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu
 SUMMARY_KEYS = {
     "status", "final_train_loss", "final_val_loss", "params", "non_embedding_params", "tokens",
     "flops", "steps", "tokens_per_s", "mfu", "wall_s", "python_version", "corpus_hash", "peak_source",
+    "kernels",
 }
 
 
@@ -36,6 +37,8 @@ def test_run_dir_is_complete(cli_run):
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["status"] == "completed"
     assert summary["steps"] == 20
+    # 8 (simulated) devices: auto keeps XLA's kernels (the MKL ones are single-device).
+    assert summary["kernels"] == {"matmul": "xla", "attention": "chunked"}
     assert summary["final_train_loss"] < train_rows[0]["loss"]
     assert summary["flops"] == pytest.approx(summary["flops_per_token"] * summary["tokens"])
     assert (cli_run / "checkpoints" / "20").is_dir()
