@@ -20,22 +20,7 @@ import jax
 
 from research import config, data, flops
 from research import sharding as shd
-from research import step as steplib
-from research.bench import REFERENCE
-
-
-def compiled_step(overrides: list[str], mesh):
-    """(jitted step, fresh state, batch, FLOPs per step) for the reference config + overrides."""
-    cfg = config.parse(config.compose([*REFERENCE, *overrides]))
-    corpus = data.load(cfg.data)
-    plan = steplib.plan(cfg, corpus.vocab_size, mesh)
-    batch = data.device_batch(corpus, data.TRAIN, cfg.train.seed, 0, cfg.train.batch_size,
-                              cfg.data.seq_len, shd.batch_sharding(mesh))
-    step = steplib.make_train_step(steplib.make_loss_fn(plan.graphdef, mesh), plan.optimizer,
-                                   plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    per_step = tokens * flops.flops_per_token(cfg.model, corpus.vocab_size, cfg.data.seq_len)
-    return step, plan.fresh_state(), batch, per_step
+from research.bench import REFERENCE, compiled_step
 
 
 def main() -> None:
@@ -46,10 +31,14 @@ def main() -> None:
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     runs = {}
     for variant in args.variants:
-        step, state, batch, per_step = compiled_step(variant.split(), mesh)
-        state, metrics = step(state, batch)  # compile and warm up
+        cfg = config.parse(config.compose([*REFERENCE, *variant.split()]))
+        corpus = data.load(cfg.data)
+        step, state, batches, _ = compiled_step(cfg, corpus, mesh)
+        state, metrics = step(state, batches[0])  # warm up
         jax.block_until_ready(metrics)
-        runs[variant] = {"step": step, "state": state, "batch": batch, "flops": per_step,
+        tokens = cfg.train.batch_size * cfg.data.seq_len
+        per_step = tokens * flops.flops_per_token(cfg.model, corpus.vocab_size, cfg.data.seq_len)
+        runs[variant] = {"step": step, "state": state, "batch": batches[0], "flops": per_step,
                          "times": [], "loss": None}
     for _ in range(args.rounds):
         for run in runs.values():

@@ -61,6 +61,22 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def compiled_step(cfg: config.Config, corpus: data.Corpus, mesh) -> tuple:
+    """(compiled train step, fresh state, 2 batches, compile seconds) for `cfg` on `mesh`."""
+    t = cfg.train
+    plan = steplib.plan(cfg, corpus.vocab_size, mesh)
+    state = plan.fresh_state()
+    batch_sh = shd.batch_sharding(mesh)
+    batches = [data.device_batch(corpus, data.TRAIN, t.seed, i, t.batch_size, cfg.data.seq_len, batch_sh)
+               for i in range(2)]
+    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
+    t0 = time.perf_counter()
+    train_step = steplib.make_train_step(
+        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
+    train_step = train_step.lower(state, batches[0]).compile()
+    return train_step, state, batches, time.perf_counter() - t0
+
+
 def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     """Compile, run `warmup` steps, then time `steps` steps. Returns the figures."""
     cfg = config.parse(raw_cfg)
@@ -75,18 +91,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         peak, peak_source = flops.peak_flops(devices[0])
         peak *= len(devices)
 
-    plan = steplib.plan(cfg, vocab, mesh)
-    state = plan.fresh_state()
-    batch_sh = shd.batch_sharding(mesh)
-    batches = [data.device_batch(corpus, data.TRAIN, t.seed, i, t.batch_size, seq_len, batch_sh)
-               for i in range(2)]
-    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
-
-    t0 = time.perf_counter()
-    train_step = steplib.make_train_step(
-        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
-    train_step = train_step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - t0
+    train_step, state, batches, compile_s = compiled_step(cfg, corpus, mesh)
 
     for i in range(warmup):
         state, metrics = train_step(state, batches[i % 2])

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import cpu_kernels
+from research import cpu_kernels, step
 from research.config import Config, ConfigError, ModelConfig, d_ff, d_head
 
 # Dense bf16 peak FLOP/s per device, from vendor datasheets (no sparsity).
@@ -94,7 +94,8 @@ def apply_flops_budget(cfg: Config, vocab_size: int) -> Config:
 def measure_matmul_flops(n: int = 1024, dtype: str = "float32", seconds: float = 0.3,
                          kernel: str = "xla") -> float:
     """Sustained FLOP/s of n x n x n matmuls on the default device, by XLA's dot
-    or (kernel="mkl", float32) MKL's SGEMM through cpu_kernels.
+    (compiled as the train step is, with its CPU options) or (kernel="mkl",
+    float32) MKL's SGEMM through cpu_kernels.
 
     The median over back-to-back matmuls for `seconds`, not the best one: on a
     shared or turbo-boosting CPU single matmuls burst 20-30% above what the
@@ -102,7 +103,9 @@ def measure_matmul_flops(n: int = 1024, dtype: str = "float32", seconds: float =
     """
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
-    matmul = jax.jit(cpu_kernels.matmul if kernel == "mkl" else (lambda x, y: x @ y))
+    fn = cpu_kernels.matmul if kernel == "mkl" else (lambda x, y: x @ y)
+    options = step.cpu_compiler_options() if a.devices().pop().platform == "cpu" else None
+    matmul = jax.jit(fn).lower(a, b).compile(compiler_options=options)
     matmul(a, b).block_until_ready()
     times = []
     start = time.perf_counter()

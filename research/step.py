@@ -46,11 +46,14 @@ def _cpu_options_supported() -> bool:
     return True
 
 
+def cpu_compiler_options() -> dict | None:
+    """CPU_COMPILER_OPTIONS where this XLA knows them, else None (its defaults)."""
+    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else None
+
+
 def compiler_options(mesh: Mesh) -> dict | None:
     """XLA options for the steps on `mesh`: CPU_COMPILER_OPTIONS on a CPU mesh, else None."""
-    if mesh.devices.flat[0].platform == "cpu" and _cpu_options_supported():
-        return dict(CPU_COMPILER_OPTIONS)
-    return None
+    return cpu_compiler_options() if mesh.devices.flat[0].platform == "cpu" else None
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
