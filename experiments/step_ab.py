@@ -12,13 +12,18 @@ and last loss. Runs on one device.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # as the CLIs: huge pages for XLA's step buffers (research/hostmem.py)
+    from research import hostmem
+
+    hostmem.reexec()
+
 import argparse
 import statistics
 import time
 
 import jax
 
-from research import config, data, flops
+from research import config, data, flops, hostmem
 from research import sharding as shd
 from research.bench import REFERENCE, compiled_step
 
@@ -28,6 +33,7 @@ def main() -> None:
     ap.add_argument("variants", nargs="+", help='overrides of one variant, e.g. "model.matmul=xla"')
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
+    print(f"host malloc: {hostmem.status()}")
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     runs = {}
     for variant in args.variants:

@@ -10,7 +10,10 @@ says which kernels the step ran), measured for a few seconds just before and
 just after the timed steps; the larger of the two is used, so a machine that
 slows down mid-run does not flatter the ratio. `cpu_steal` is the share of
 CPU time the hypervisor took during the timed steps (Linux): when it is not
-near 0 the figures are noisy.
+near 0 the figures are noisy. `page_faults_per_step` counts the host's minor
+page faults per timed step; `host_malloc` says whether glibc's malloc asked for
+transparent huge pages (hostmem.py): without them, XLA:CPU's step buffers are
+faulted in anew every step, 4 KiB at a time.
 On accelerators the peak is the datasheet's. Overrides use the same names as
 `research.train`; the defaults are the reference config for a 2-core CPU:
 n_layers=6, n_heads=6, d_model=384, seq_len=256, batch_size=16, vocab 256,
@@ -18,6 +21,11 @@ fp32, AdamW.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first, before JAX is imported: see hostmem.py
+    from research import hostmem
+
+    hostmem.reexec()
 
 import json
 import resource
@@ -27,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from research import config, data, flops
+from research import config, data, flops, hostmem
 from research import sharding as shd
 from research import step as steplib
 
@@ -97,6 +105,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         state, metrics = train_step(state, batches[i % 2])
     jax.block_until_ready(metrics)
     ticks0 = _cpu_ticks()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
@@ -104,6 +113,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     ticks1 = _cpu_ticks()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     steal = (None if ticks0 is None or ticks1 is None or ticks1[1] == ticks0[1]
              else (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1]))
     if on_cpu:
@@ -135,6 +145,8 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         "peak_memory_source": mem_source,
         "timed_steps": steps,
         "cpu_steal": steal,
+        "page_faults_per_step": faults / steps,
+        "host_malloc": hostmem.status(),
         "compiler_options": steplib.compiler_options(mesh),
         "kernels": steplib.kernels(cfg),
         "final_loss": float(metrics["loss"]),

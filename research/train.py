@@ -9,6 +9,11 @@ line and exit code 2. See README "Checkpoints and preemption" for resume.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX is imported: see hostmem.py
+    from research import hostmem
+
+    hostmem.reexec()
+
 import dataclasses
 import json
 import os

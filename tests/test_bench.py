@@ -6,6 +6,8 @@ import platform
 import subprocess
 import sys
 
+from research import hostmem
+
 KEYS = {"config", "tokens_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu", "step_time_s",
         "compile_s", "peak_memory_bytes"}
 
@@ -28,6 +30,13 @@ def test_bench_prints_one_json_line(repo):
         # peak is the faster of XLA's and MKL's matmuls.
         assert result["kernels"] == {"matmul": "mkl", "attention": "mkl"}
         assert result["peak_source"].split("(")[1].split(")")[0] in ("mkl", "xla")
+    # The CLI restarts itself with huge pages where they help (hostmem.py); the step's
+    # buffers are then faulted in 2 MiB at a time.
+    assert result["page_faults_per_step"] >= 0
+    if hostmem.unavailable() is None:
+        assert result["host_malloc"] == "thp"
+    else:
+        assert result["host_malloc"].startswith("system (")
 
 
 def test_bench_rejects_bad_config(repo):
