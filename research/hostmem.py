@@ -43,14 +43,21 @@ def thp_mode() -> str | None:
     return chosen[0] if chosen else None
 
 
+def _tunables() -> list[str]:
+    return [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def _tunable_set() -> bool:
-    return TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return TUNABLE in _tunables()
 
 
 def unavailable() -> str | None:
     """Why the tunable would not help here (one line), or None when it would."""
     if os.environ.get(ENV, "thp") == "system":
         return f"{ENV}=system"
+    own = [t for t in _tunables() if t.startswith("glibc.malloc.hugetlb=") and t != TUNABLE]
+    if own:  # the user's choice stands
+        return f"GLIBC_TUNABLES sets {own[-1]}"
     libc, version = platform.libc_ver()
     if sys.platform != "linux" or libc != "glibc":
         return f"not glibc ({sys.platform}, {libc or 'unknown libc'})"
@@ -76,7 +83,7 @@ def reexec() -> None:
     if _tunable_set() or unavailable() is not None:
         return
     env = dict(os.environ)
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), TUNABLE]))
+    env["GLIBC_TUNABLES"] = ":".join([*_tunables(), TUNABLE])
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

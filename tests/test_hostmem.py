@@ -53,3 +53,12 @@ def test_opt_out_keeps_small_pages(repo):
     assert status == "system (LADDER_MALLOC=system)"
     if hostmem.thp_mode() == "madvise":  # nobody asked for huge pages: one fault per 4 KiB
         assert int(faults) >= SMALL_PAGES * 0.9
+
+
+def test_users_own_setting_stands(repo):
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    code = "from research import hostmem; hostmem.reexec(); print(hostmem.status())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["system (GLIBC_TUNABLES sets glibc.malloc.hugetlb=0)"]
