@@ -196,52 +196,56 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     status, train_loss, val_loss, message = "completed", None, None, None
     train_time, interval_t0, interval_start = 0.0, time.perf_counter(), start
     next_batch = batch_for(start) if start < t.steps else None
-    with preemption.StopRequest() as stop:
-        for step in range(start, t.steps):
-            batch = next_batch
-            # Per-layer stats need the params from before the step, which the step donates.
-            snapshot = (stats_step.snapshot(state["params"])
-                        if stats_step and (step + 1) % t.stats_every == 0 else None)
-            state, metrics = train_step(state, batch)
-            if step + 1 < t.steps:
-                next_batch = batch_for(step + 1)  # built while the device runs this step
-            done = step + 1
-            loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
-            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                logger.log(done, jax.device_get(metrics))
-                status = "diverged"
-                message = (f"diverged: non-finite {'loss' if not np.isfinite(loss) else 'grad norm'} at step "
-                           f"{done}; last checkpoint: step {(checkpointer.steps() or ['none'])[-1]}")
-                break
-            stats_row = {}
-            if snapshot is not None:  # its time is not training time: keep it out of tokens/s
-                stats_t0 = time.perf_counter()
-                stats_row = jax.device_get(stats_step.stats(snapshot, state["params"], batch))
-                interval_t0 += time.perf_counter() - stats_t0
-            row = {}
-            if done % t.log_every == 0 or done == t.steps:
-                elapsed = time.perf_counter() - interval_t0
-                train_time += elapsed
-                tps = (done - interval_start) * tokens_per_step / elapsed
-                train_loss = loss
-                row = {**jax.device_get(metrics), "tokens": done * tokens_per_step,
-                       "tokens_per_s": tps, "mfu": tps * per_token / peak}
-                logger.progress(done, loss, tps)
-            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                row["val_loss"] = val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
-            if row or stats_row:
-                logger.log(done, {**row, **stats_row})
-            if row:
-                interval_t0, interval_start = time.perf_counter(), done
-            preempted = stop.requested()
-            checkpointer.maybe_save(done, state, meta, force=done == t.steps or preempted)
-            if preempted:
-                status, train_loss = "preempted", loss
-                message = f"preempted by {stop.name} at step {done}: checkpoint saved; run again to continue"
-                break
-    if start >= t.steps:  # already finished: report the restored model
-        val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
-    checkpointer.close()  # waits for the last save: a preempted job exits only once it is on disk
+    try:
+        with preemption.StopRequest() as stop:
+            for step in range(start, t.steps):
+                batch = next_batch
+                # Per-layer stats need the params from before the step, which the step donates.
+                snapshot = (stats_step.snapshot(state["params"])
+                            if stats_step and (step + 1) % t.stats_every == 0 else None)
+                state, metrics = train_step(state, batch)
+                if step + 1 < t.steps:
+                    next_batch = batch_for(step + 1)  # built while the device runs this step
+                done = step + 1
+                loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+                if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                    logger.log(done, jax.device_get(metrics))
+                    status = "diverged"
+                    message = (f"diverged: non-finite {'loss' if not np.isfinite(loss) else 'grad norm'} at step "
+                               f"{done}; last checkpoint: step {(checkpointer.steps() or ['none'])[-1]}")
+                    break
+                stats_row = {}
+                if snapshot is not None:  # its time is not training time: keep it out of tokens/s
+                    stats_t0 = time.perf_counter()
+                    stats_row = jax.device_get(stats_step.stats(snapshot, state["params"], batch))
+                    interval_t0 += time.perf_counter() - stats_t0
+                row = {}
+                if done % t.log_every == 0 or done == t.steps:
+                    elapsed = time.perf_counter() - interval_t0
+                    train_time += elapsed
+                    tps = (done - interval_start) * tokens_per_step / elapsed
+                    train_loss = loss
+                    row = {**jax.device_get(metrics), "tokens": done * tokens_per_step,
+                           "tokens_per_s": tps, "mfu": tps * per_token / peak}
+                    logger.progress(done, loss, tps)
+                if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                    row["val_loss"] = val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
+                if row or stats_row:
+                    logger.log(done, {**row, **stats_row})
+                if row:
+                    interval_t0, interval_start = time.perf_counter(), done
+                preempted = stop.requested()
+                checkpointer.maybe_save(done, state, meta, force=done == t.steps or preempted)
+                if preempted:
+                    status, train_loss = "preempted", loss
+                    message = f"preempted by {stop.name} at step {done}: checkpoint saved; run again to continue"
+                    break
+        if start >= t.steps:  # already finished: report the restored model
+            val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
+        checkpointer.close()  # waits for the last save: a preempted job exits only once it is on disk
+    except ckpt.CheckpointError:  # main() exits at once on it: write out the logs first
+        logger.close()
+        raise
 
     # -- Summary: everything analysis needs about this run, in one file.
     final_step = int(jax.device_get(state["step"]))
@@ -317,7 +321,14 @@ def main(cfg: DictConfig) -> float | None:
         index("failed", error=f"{prefix}: {err}")
         if multirun:
             return None
-        sys.exit(EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_CHECKPOINT_FAILED)
+        if isinstance(err, ConfigError):
+            sys.exit(EXIT_CONFIG_ERROR)
+        # Orbax's writer threads of the failed save outlive it and print "Event loop is
+        # closed" tracebacks during interpreter teardown, after the line above; the logs
+        # are closed (run), so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CHECKPOINT_FAILED)
     except Exception as err:  # anything else (e.g. out of memory): record it, keep the sweep going
         index("failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         if not multirun:
