@@ -61,7 +61,11 @@ def unavailable() -> str | None:
     libc, version = platform.libc_ver()
     if sys.platform != "linux" or libc != "glibc":
         return f"not glibc ({sys.platform}, {libc or 'unknown libc'})"
-    if tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+    try:
+        too_old = tuple(int(x) for x in version.split(".")[:2]) < (2, 35)
+    except ValueError:
+        return f"glibc version unknown ({version!r})"
+    if too_old:
         return f"glibc {version} has no hugetlb tunable (2.35+)"
     mode = thp_mode()
     if mode != "madvise":
