@@ -2,7 +2,11 @@
 
 Shapes: q, k, v and the output are (B, L, H, K); see model.py for the letters.
 
-  xla      `jax.nn.dot_product_attention` (on GPU it may pick cuDNN's fused kernel).
+  xla      `jax.nn.dot_product_attention` with XLA's implementation: the (L, L)
+           scores are materialised; runs everywhere.
+  cudnn    the same call with cuDNN's fused (flash) kernel: no (L, L) matrix in
+           memory, softmax and mask fused; NVIDIA GPU, bfloat16 or float16,
+           head dim a multiple of 8 up to 128 (`cudnn_unsupported`).
   chunked  split the queries into C blocks; block i attends only to keys of
            blocks <= i. The upper triangle of the score matrix, which the
            causal mask would throw away, is never computed: about half the
@@ -10,7 +14,8 @@ Shapes: q, k, v and the output are (B, L, H, K); see model.py for the letters.
            nothing fuses the masked softmax (see experiments/perf.md).
   mkl      a fused causal kernel on MKL (cpu_kernels.py): no (L, L) matrix in
            memory, no layout copies; float32, single-device CPU only.
-  auto     mkl where cpu_kernels.usable, else chunked on CPU, xla elsewhere.
+  auto     mkl where cpu_kernels.usable, else chunked on CPU; cudnn on a GPU
+           where it supports the shapes and dtype, else xla.
 
 Every kernel takes `scale`, the factor on q.k: None means 1/sqrt(K); muP
 (param.py) passes one proportional to 1/K.
@@ -31,9 +36,26 @@ def _scale(k: int, scale: float | None) -> float:
     return k**-0.5 if scale is None else scale
 
 
-def xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
+def xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None,
+                  implementation: str = "xla"):
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
-                                        scale=_scale(q_BxLxHxK.shape[-1], scale))
+                                        scale=_scale(q_BxLxHxK.shape[-1], scale),
+                                        implementation=implementation)
+
+
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def cudnn_unsupported(platform: str, dtype, head_dim: int) -> str | None:
+    """Why cuDNN's fused attention cannot run here, or None where it can."""
+    if platform != "gpu":
+        return f"needs an NVIDIA GPU, this is {platform}"
+    if jnp.dtype(dtype).name not in CUDNN_DTYPES:
+        return f"needs model.dtype in {CUDNN_DTYPES}, got {jnp.dtype(dtype).name}"
+    if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+        return f"needs a head dim that is a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+    return None
 
 
 def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK, scale: float | None = None):
@@ -57,25 +79,29 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK, scale
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
-def resolve(kind: str, dtype) -> str:
-    """The kernel `model.attention=kind` runs for inputs of `dtype`: auto becomes mkl, chunked or xla."""
+def resolve(kind: str, dtype, head_dim: int) -> str:
+    """The kernel `model.attention=kind` runs for inputs of `dtype` and `head_dim`:
+    auto becomes mkl, chunked, cudnn or xla."""
     if kind != "auto":
         return kind
     if cpu_kernels.usable(dtype):
         return "mkl"
-    return "chunked" if jax.devices()[0].platform == "cpu" else "xla"
+    platform = jax.devices()[0].platform
+    if platform == "cpu":
+        return "chunked"
+    return "xla" if cudnn_unsupported(platform, dtype, head_dim) else "cudnn"
 
 
 def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
-    """Dispatch on `model.attention` (auto | xla | chunked | mkl); `scale` multiplies q.k
-    (None: 1/sqrt(K))."""
-    kind = resolve(kind, q_BxLxHxK.dtype)
+    """Dispatch on `model.attention` (auto | xla | cudnn | chunked | mkl); `scale` multiplies
+    q.k (None: 1/sqrt(K))."""
+    kind = resolve(kind, q_BxLxHxK.dtype, q_BxLxHxK.shape[-1])
     if kind == "mkl":
         scale = _scale(q_BxLxHxK.shape[-1], scale)
         return cpu_kernels.causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale)
     if kind == "chunked":
         return chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)
-    return xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)
+    return xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale, implementation=kind)
 
 
 def _causal_scores(q_BxLxHxK, k_BxLxHxK, scale: float | None):

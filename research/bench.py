@@ -4,6 +4,13 @@ Prints one JSON line: the config, tokens/s, model FLOP/s (PaLM accounting,
 see flops.py), the peak it is compared with and their ratio (MFU), step time
 (median and best of the timed steps), first-step compile time and peak memory.
 
+On CPU the step time is the median of steps timed one by one. On accelerators
+it is the mean over steps queued back to back, as the training loop runs them
+(the host dispatches the next step while the device runs this one);
+`step_time_synced_s`, the median with a wait after every step, shows what a
+host-device round trip per step would cost. `step_memory_bytes` is XLA's
+account of the compiled step's device memory (`step_memory`).
+
 On CPU the peak is the sustained fp32 matmul rate of the fastest GEMM the
 process has (XLA's dot, and MKL's where the step uses cpu_kernels; `kernels`
 says which kernels the step ran), measured for a few seconds just before and
@@ -69,6 +76,12 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def _jitted_step(cfg: config.Config, plan: steplib.Plan, mesh):
+    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
+    return steplib.make_train_step(
+        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
+
+
 def compiled_step(cfg: config.Config, corpus: data.Corpus, mesh) -> tuple:
     """(compiled train step, fresh state, 2 batches, compile seconds) for `cfg` on `mesh`."""
     t = cfg.train
@@ -77,12 +90,33 @@ def compiled_step(cfg: config.Config, corpus: data.Corpus, mesh) -> tuple:
     batch_sh = shd.batch_sharding(mesh)
     batches = [data.device_batch(corpus, data.TRAIN, t.seed, i, t.batch_size, cfg.data.seq_len, batch_sh)
                for i in range(2)]
-    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
     t0 = time.perf_counter()
-    train_step = steplib.make_train_step(
-        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
-    train_step = train_step.lower(state, batches[0]).compile()
+    train_step = _jitted_step(cfg, plan, mesh).lower(state, batches[0]).compile()
     return train_step, state, batches, time.perf_counter() - t0
+
+
+def step_memory(compiled) -> dict[str, int]:
+    """Device bytes a compiled train step needs, from XLA's buffer assignment:
+    its arguments (the state and batch), outputs not written in place of a donated
+    argument, and temporaries. `total` is what must fit in the device's memory."""
+    m = compiled.memory_analysis()
+    fields = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+              "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
+    fields["total"] = fields["argument"] + fields["output"] - fields["alias"] + fields["temp"]
+    return fields
+
+
+def planned_memory(raw_cfg) -> dict[str, int]:
+    """`step_memory` of the train step for `raw_cfg` on all devices, compiled from
+    shapes alone: no array is allocated, so it answers for models too large to run."""
+    cfg = config.parse(raw_cfg)
+    devices = jax.devices()
+    mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
+    plan = steplib.plan(cfg, data.load(cfg.data).vocab_size, mesh)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32,
+                                 sharding=shd.batch_sharding(mesh))
+    compiled = _jitted_step(cfg, plan, mesh).lower(plan.abstract_state(), batch).compile()
+    return step_memory(compiled)
 
 
 def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
@@ -104,6 +138,13 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     for i in range(warmup):
         state, metrics = train_step(state, batches[i % 2])
     jax.block_until_ready(metrics)
+    pipelined = None
+    if not on_cpu:  # steps queued back to back, as the training loop runs them
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, metrics = train_step(state, batches[i % 2])
+        jax.block_until_ready((state, metrics))
+        pipelined = (time.perf_counter() - t0) / steps
     ticks0 = _cpu_ticks()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = []
@@ -121,7 +162,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         peak = max(peak_before, peak_after)
         kernel = kernel if peak_before >= peak_after else kernel_after
         peak_source = f"measured:cpu fp32 1024^3 matmul ({kernel}), sustained"
-    step_time = float(np.median(times))
+    step_time = float(np.median(times)) if pipelined is None else pipelined
     tokens_per_s = t.batch_size * seq_len / step_time
     model_flops = tokens_per_s * flops.flops_per_token(cfg.model, vocab, seq_len)
     mem, mem_source = _peak_memory_bytes(devices[0])
@@ -139,10 +180,12 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         **({"peak_before_after": [peak_before, peak_after]} if on_cpu else {}),
         "mfu": model_flops / peak,
         "step_time_s": step_time,
+        "step_time_synced_s": float(np.median(times)),
         "step_time_min_s": float(np.min(times)),
         "compile_s": compile_s,
         "peak_memory_bytes": mem,
         "peak_memory_source": mem_source,
+        "step_memory_bytes": step_memory(train_step),
         "timed_steps": steps,
         "cpu_steal": steal,
         "page_faults_per_step": faults / steps,

@@ -24,7 +24,7 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block")
-ATTENTIONS = ("auto", "xla", "chunked", "mkl")
+ATTENTIONS = ("auto", "xla", "cudnn", "chunked", "mkl")
 MATMULS = ("auto", "xla", "mkl")
 PARAMETERIZATIONS = ("sp", "mup", "completep")
 
@@ -49,7 +49,7 @@ class ModelConfig:
     share_layers: int = 0  # distinct blocks reused cyclically over depth; 0 = none
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: str = "none"
-    attention: str = "auto"  # auto | xla | chunked | mkl (see attention.py)
+    attention: str = "auto"  # auto | xla | cudnn | chunked | mkl (see attention.py)
     matmul: str = "auto"  # auto | xla | mkl: who runs the 2-D matmuls (see model.py)
     init_std: float = 0.02
     rope_theta: float = 10000.0

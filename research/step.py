@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from research import attention, cpu_kernels, model, optim, param
 from research import sharding as shd
-from research.config import Config, ConfigError
+from research.config import Config, ConfigError, d_head
 
 State = dict
 
@@ -188,8 +188,14 @@ class Plan:
 
 
 def check_kernels(cfg: Config, mesh: Mesh) -> None:
-    """ConfigError when `model.matmul` or `model.attention` asks for the MKL kernels
-    (cpu_kernels.py) where they cannot run: not built here, or not a one-device CPU mesh."""
+    """ConfigError when `model.matmul` or `model.attention` asks for a kernel that cannot
+    run here: the MKL kernels (cpu_kernels.py) where they are not built or the mesh is not
+    one CPU device; cuDNN's attention off an NVIDIA GPU or outside its dtypes and shapes."""
+    if cfg.model.attention == "cudnn":
+        reason = attention.cudnn_unsupported(mesh.devices.flat[0].platform, cfg.model.dtype,
+                                             d_head(cfg.model))
+        if reason is not None:
+            raise ConfigError("model.attention", f"cudnn: {reason}; use auto or xla")
     for name in ("matmul", "attention"):
         if getattr(cfg.model, name) != "mkl":
             continue
@@ -205,7 +211,7 @@ def kernels(cfg: Config) -> dict[str, str]:
     """The matmul and attention kernels the step runs for `cfg` here (`auto` resolved)."""
     m = cfg.model
     return {"matmul": model.resolve_matmul(m.matmul, m.dtype),
-            "attention": attention.resolve(m.attention, m.dtype)}
+            "attention": attention.resolve(m.attention, m.dtype, d_head(m))}
 
 
 def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:

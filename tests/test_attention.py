@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research.attention import causal_attention, chunked_attention, xla_attention
+from research.attention import (causal_attention, chunked_attention, cudnn_unsupported, resolve,
+                                xla_attention)
 
 
 @pytest.mark.parametrize("length, chunk", [(32, 8), (40, 16), (16, 64)])  # ragged and single block
@@ -35,3 +36,15 @@ def test_chunked_is_causal():
 def test_auto_dispatch_runs():
     q = jnp.ones((1, 8, 2, 4))
     assert causal_attention("auto", q, q, q).shape == (1, 8, 2, 4)
+
+
+def test_cudnn_is_chosen_only_where_it_runs():
+    assert cudnn_unsupported("gpu", jnp.bfloat16, 64) is None
+    assert cudnn_unsupported("gpu", jnp.float16, 128) is None
+    assert cudnn_unsupported("cpu", jnp.bfloat16, 64) == "needs an NVIDIA GPU, this is cpu"
+    assert "model.dtype" in cudnn_unsupported("gpu", jnp.float32, 64)
+    assert "head dim" in cudnn_unsupported("gpu", jnp.bfloat16, 60)
+    assert "head dim" in cudnn_unsupported("gpu", jnp.bfloat16, 256)
+    # On this CPU, auto never resolves to cudnn; explicit choices are kept.
+    assert resolve("auto", jnp.bfloat16, 64) in ("chunked", "mkl")
+    assert resolve("cudnn", jnp.bfloat16, 64) == "cudnn"

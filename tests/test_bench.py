@@ -33,10 +33,36 @@ def test_bench_prints_one_json_line(repo):
     # The CLI restarts itself with huge pages where they help (hostmem.py); the step's
     # buffers are then faulted in 2 MiB at a time.
     assert result["page_faults_per_step"] >= 0
+    # On CPU the step time is the median of steps timed one by one.
+    assert result["step_time_s"] == result["step_time_synced_s"] >= result["step_time_min_s"]
+    # XLA's account of the step's memory: the state is donated, so its outputs reuse the
+    # argument buffers, and the step needs the arguments plus its temporaries.
+    mem = result["step_memory_bytes"]
+    assert mem["alias"] > 0 and mem["temp"] > 0
+    assert mem["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
     if hostmem.unavailable() is None:
         assert result["host_malloc"] == "thp"
     else:
         assert result["host_malloc"].startswith("system (")
+
+
+def test_planned_memory_matches_the_compiled_step_and_grows_with_the_model():
+    from research import bench, config
+
+    small = ["model=xs", "data.seq_len=32", "train.batch_size=8"]
+    raw = config.compose([*bench.REFERENCE, *small])
+    planned = bench.planned_memory(raw)  # from shapes alone: nothing allocated
+    assert planned == bench.bench(raw, steps=1, warmup=1)["step_memory_bytes"]
+    wider = bench.planned_memory(config.compose([*bench.REFERENCE, *small, "model.d_model=128"]))
+    assert wider["argument"] > 3 * planned["argument"]
+
+
+def test_bench_rejects_cudnn_attention_off_a_gpu(repo):
+    proc = subprocess.run([sys.executable, "-m", "research.bench", "model.attention=cudnn"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("config error: model.attention: cudnn: needs an NVIDIA GPU, "
+                                   "this is cpu; use auto or xla")
 
 
 def test_bench_rejects_bad_config(repo):
