@@ -58,9 +58,13 @@ class Checkpointer:
 
     # -- saving
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is one that `maybe_save` saves without being forced."""
+        return self.every > 0 and step % self.every == 0
+
     def maybe_save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Save at multiples of `every` (if > 0), or always when `force`."""
-        if not force and (self.every <= 0 or step % self.every):
+        if not force and not self.due(step):
             return False
         if step in self.steps():
             return False  # already on disk (e.g. a resumed, finished run)

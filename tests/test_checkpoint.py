@@ -226,6 +226,25 @@ def test_non_finite_loss_stops_without_saving_it(repo, tmp_path):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(run_dir, step)))
 
 
+def test_divergence_between_synced_steps_names_the_same_step(repo, tmp_path):
+    """Steps that neither log nor save are checked one step late, while the next runs:
+    the divergence is still pinned on the step that produced it."""
+    bad = ("optim.lr=1e6", "optim.clip=0", "checkpoint.every=0")
+    synced = _run(repo, tmp_path / "synced", *bad)  # train.log_every=1: every step is waited on
+    lagged = _run(repo, tmp_path / "lagged", *bad, "train.log_every=1000", "train.eval_every=0")
+    for proc in (synced, lagged):
+        assert proc.returncode == train.EXIT_DIVERGED, proc.stderr[-3000:]
+    last = synced.stderr.strip().splitlines()[-1]
+    assert last.startswith("diverged: non-finite")
+    assert lagged.stderr.strip().splitlines()[-1] == last
+    bad_step = int(last.split("at step ")[1].split(";")[0])
+    assert bad_step < STEPS  # found by the one-step-late check, not at the final step
+    for name in ("synced", "lagged"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["status"] == "diverged" and summary["steps"] == bad_step
+    assert _rows(tmp_path / "lagged")[-1] == _rows(tmp_path / "synced")[-1]  # the same diverged row
+
+
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
