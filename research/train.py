@@ -345,7 +345,9 @@ def main(cfg: DictConfig) -> float | None:
         index("failed", error=f"{prefix}: {err}")
         if multirun or isinstance(err, ConfigError):
             print(f"{prefix}: {err}", file=sys.stderr)
-            return None if multirun else sys.exit(EXIT_CONFIG_ERROR)
+            if multirun:
+                return None
+            sys.exit(EXIT_CONFIG_ERROR)
         # Orbax's writer threads of the failed save print "Event loop is closed" tracebacks
         # (through logging handlers too), at teardown and sometimes just as the error is
         # printed. Point file descriptor 2 at /dev/null for them, write the error to the real

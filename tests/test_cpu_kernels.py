@@ -82,4 +82,4 @@ def test_mkl_is_float32_only():
 def test_auto_picks_mkl_only_on_a_single_cpu_device():
     # The test process has 8 simulated devices: auto keeps XLA's kernels here.
     assert not cpu_kernels.usable(jnp.float32)
-    assert attention.resolve("auto", jnp.float32) == "chunked"
+    assert attention.resolve("auto", jnp.float32, 64) == "chunked"
