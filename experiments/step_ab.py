@@ -12,7 +12,7 @@ and last loss. Runs on one device.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # as the CLIs: huge pages for XLA's step buffers (research/hostmem.py)
+if __name__ == "__main__":  # as the CLIs: jemalloc or huge pages for XLA's step buffers (research/hostmem.py)
     from research import hostmem
 
     hostmem.reexec()

@@ -18,9 +18,10 @@ just after the timed steps; the larger of the two is used, so a machine that
 slows down mid-run does not flatter the ratio. `cpu_steal` is the share of
 CPU time the hypervisor took during the timed steps (Linux): when it is not
 near 0 the figures are noisy. `page_faults_per_step` counts the host's minor
-page faults per timed step; `host_malloc` says whether glibc's malloc asked for
-transparent huge pages (hostmem.py): without them, XLA:CPU's step buffers are
-faulted in anew every step, 4 KiB at a time.
+page faults per timed step; `host_malloc` says which malloc the process runs
+(hostmem.py: jemalloc, glibc with transparent huge pages, or the system's):
+with glibc's default, XLA:CPU's step buffers are faulted in anew every step,
+4 KiB at a time.
 On accelerators the peak is the datasheet's. Overrides use the same names as
 `research.train`; the defaults are the reference config for a 2-core CPU:
 n_layers=6, n_heads=6, d_model=384, seq_len=256, batch_size=16, vocab 256,
