@@ -8,11 +8,14 @@ again, 4 KiB page by page: ~215k page faults and 0.5 s of kernel time in a
 
   jemalloc  the system's libjemalloc.so.2 (Debian/Ubuntu: `apt install
             libjemalloc2`), preloaded with MALLOC_CONF=`JEMALLOC_CONF`: large
-            blocks live in the ordinary arenas (`oversize_threshold:0`) and
-            freed pages are kept, not handed back (`dirty_decay_ms:-1`), so
-            the next step reuses the block: no faults, no kernel zeroing.
-            Resident memory is the peak's, and flat: 2.3 GB against 1.5 for
-            the reference step, over 60 steps.
+            blocks live in the ordinary arenas (`oversize_threshold:0`), freed
+            pages are kept, not handed back (`dirty_decay_ms:-1`), and all
+            threads share one arena (`narenas:1`: with one per thread, a block
+            freed by one of XLA's workers was not reused when another asked,
+            and 1 bench run in 3 kept faulting ~21k pages per step). The next
+            step reuses the block: no faults, no kernel zeroing. Resident
+            memory is the peak's, and flat: 2.3 GB against 1.5 for the
+            reference step, over 60 steps.
   thp       glibc's tunable `glibc.malloc.hugetlb=1`: malloc asks the kernel
             for transparent huge pages (madvise), and the same block takes
             ~840 faults of 2 MiB each; the kernel still zeroes it every step.
@@ -44,7 +47,7 @@ ENV = "LADDER_MALLOC"
 CHOICES = ("auto", "jemalloc", "thp", "system")
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 JEMALLOC = "libjemalloc.so.2"
-JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_CONF = "narenas:1,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def thp_mode() -> str | None:
