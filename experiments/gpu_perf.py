@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def stage_numerics(out_dir: Path) -> None:
 
 def stage_loop(out_dir: Path) -> None:
     """The training loop (logging, loss checks, the last checkpoint) against the bench."""
-    run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_perf_loop"
+    run_dir = Path(tempfile.mkdtemp(prefix="gpu_perf_loop_")) / "run"  # fresh: nothing to resume
     overrides = [*GPT2, "model.attention=cudnn", "train.batch_size=16", "train.steps=80",
                  "train.log_every=20", "train.eval_every=0", "schedule.warmup=10",
                  f"hydra.run.dir={run_dir}"]
