@@ -229,9 +229,9 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                     break
                 unchecked = (done, metrics)
                 preempted = stop.requested()
-                if not (snapshot is not None or done % t.log_every == 0 or done == t.steps
-                        or (t.eval_every and done % t.eval_every == 0) or checkpointer.due(done)
-                        or preempted):
+                log_now = done % t.log_every == 0 or done == t.steps
+                eval_now = bool(t.eval_every and done % t.eval_every == 0) or done == t.steps
+                if not (snapshot is not None or log_now or eval_now or checkpointer.due(done) or preempted):
                     continue
                 # This step logs, evaluates or saves: its loss is checked first.
                 unchecked = None
@@ -244,7 +244,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                     stats_row = jax.device_get(stats_step.stats(snapshot, state["params"], batch))
                     interval_t0 += time.perf_counter() - stats_t0
                 row = {}
-                if done % t.log_every == 0 or done == t.steps:
+                if log_now:
                     elapsed = time.perf_counter() - interval_t0
                     train_time += elapsed
                     tps = (done - interval_start) * tokens_per_step / elapsed
@@ -252,7 +252,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                     row = {**jax.device_get(metrics), "tokens": done * tokens_per_step,
                            "tokens_per_s": tps, "mfu": tps * per_token / peak}
                     logger.progress(done, loss, tps)
-                if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                if eval_now:
                     row["val_loss"] = val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
                 if row or stats_row:
                     logger.log(done, {**row, **stats_row})

@@ -33,13 +33,16 @@ print("done", os.getpid(), faults[0], faults[1], hostmem.status())
 SMALL_PAGES = (256 << 20) // 4096  # faults for the block in 4 KiB pages
 
 
-def _run(repo, **env):
-    env = {**os.environ, **env}
-    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"):
-        if name not in env or env[name] is None:
-            env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=60)
+def _env(**extra):
+    """This environment without any malloc settings of its own, plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", hostmem.ENV)}
+    return {**env, **extra}
+
+
+def _run(repo, **extra):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=repo, env=_env(**extra),
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = []
     for line in proc.stdout.splitlines():
@@ -51,15 +54,11 @@ def _run(repo, **env):
     return rows
 
 
-def _clean_env():
-    return {name: None for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")}
-
-
 @pytest.mark.skipif(hostmem.thp_unavailable() is not None,
                     reason=f"huge pages: {hostmem.thp_unavailable()}")
 def test_reexec_gives_huge_pages(repo):
     (s1, pid1, status1), (s2, pid2, status2), (done, pid3, first, second, status3) = _run(
-        repo, LADDER_MALLOC="thp", **_clean_env())
+        repo, LADDER_MALLOC="thp")
     assert (s1, s2, done) == ("start", "start", "done")
     assert pid1 == pid2 == pid3  # exec in place: launchers and signals see one process
     assert status1.startswith("system (not re-executed") and status2 == status3 == "thp"
@@ -72,7 +71,7 @@ def test_reexec_gives_huge_pages(repo):
                     reason=f"jemalloc: {hostmem.jemalloc_unavailable()}")
 def test_reexec_preloads_jemalloc_which_reuses_the_freed_block(repo):
     (_, pid1, status1), (_, pid2, status2), (_, pid3, first, second, status3) = _run(
-        repo, LADDER_MALLOC="jemalloc", **_clean_env())
+        repo, LADDER_MALLOC="jemalloc")
     assert pid1 == pid2 == pid3
     assert status1.startswith("system (not re-executed") and status2 == status3 == "jemalloc"
     assert first >= SMALL_PAGES * 0.9  # the first round faults the block in
@@ -80,7 +79,7 @@ def test_reexec_preloads_jemalloc_which_reuses_the_freed_block(repo):
 
 
 def test_auto_takes_the_best_available(repo):
-    rows = _run(repo, **_clean_env())  # LADDER_MALLOC unset: auto
+    rows = _run(repo)  # LADDER_MALLOC unset: auto
     kind, why = hostmem.plan()
     assert rows[-1][-1] == (kind if kind != "system" else f"system ({why})")
     if hostmem.jemalloc_unavailable() is None:
@@ -90,7 +89,7 @@ def test_auto_takes_the_best_available(repo):
 
 
 def test_opt_out_keeps_the_system_malloc(repo):
-    (start, _, status), (done, _, first, second, _) = _run(repo, LADDER_MALLOC="system", **_clean_env())
+    (start, _, status), (done, _, first, second, _) = _run(repo, LADDER_MALLOC="system")
     assert status == "system (LADDER_MALLOC=system)"
     if hostmem.thp_mode() == "madvise":  # nobody asked for huge pages: one fault per 4 KiB
         assert first >= SMALL_PAGES * 0.9 and second >= SMALL_PAGES * 0.9
@@ -99,21 +98,21 @@ def test_opt_out_keeps_the_system_malloc(repo):
 def test_users_own_settings_stand(repo):
     code = ("import os; from research import hostmem; hostmem.reexec(); "
             "print(hostmem.status(), os.environ.get('MALLOC_CONF'))")
-    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "LADDER_MALLOC": "thp"}
+    env = _env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0", LADDER_MALLOC="thp")
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [
         "system (thp: GLIBC_TUNABLES sets glibc.malloc.hugetlb=0) None"]
     if hostmem.jemalloc_unavailable() is None:
-        env = {**os.environ, "LADDER_MALLOC": "jemalloc", "MALLOC_CONF": "narenas:2"}
+        env = _env(LADDER_MALLOC="jemalloc", MALLOC_CONF="narenas:2")
         proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
                               text=True, timeout=60)
         assert proc.stdout.splitlines() == ["jemalloc narenas:2"]
 
 
 def test_unknown_choice_is_a_one_line_error(repo):
-    env = {**os.environ, "LADDER_MALLOC": "tcmalloc"}
+    env = _env(LADDER_MALLOC="tcmalloc")
     proc = subprocess.run([sys.executable, "-m", "research.bench"], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
