@@ -118,9 +118,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b,
 //
 // Exact causal softmax attention, one (batch, head) pair per part, in query
 // blocks of `block` rows: block i multiplies only keys 0 .. end of block i, so
-// the upper triangle is never computed. The forward saves the log-sum-exp of
-// each query row; the backward recomputes the probabilities from it (as
-// FlashAttention does) instead of storing the (L, L) matrix.
+// the upper triangle is never computed. The backward needs the probabilities
+// again. Either the forward saves them (`probs`: each block's (rows, r1)
+// rectangle, packed block after block, zero above the diagonal), or it saves
+// the log-sum-exp of each query row and the backward recomputes them from it,
+// as FlashAttention does. cpu_kernels.py picks one by the memory it costs.
 
 struct Dims {
   int64_t B, L, H, K;
@@ -133,76 +135,87 @@ Dims DimsOf(const Rank4& x) {
   return Dims{d[0], d[1], d[2], d[3]};
 }
 
-// Scores of query rows [r0, r1) against keys [0, r1): s = scale * q k^T, masked to -inf above
-// the diagonal. s has row stride r1.
-void CausalScores(const Dims& d, const float* q, const float* k, float scale, int64_t r0,
-                  int64_t r1, float* s) {
-  Sgemm(false, true, r1 - r0, r1, d.K, scale, q + r0 * d.ld(), d.ld(), k, d.ld(), 0.0f, s, r1);
-  for (int64_t r = r0; r < r1; ++r) {
-    float* row = s + (r - r0) * r1;
-    std::fill(row + r + 1, row + r1, -std::numeric_limits<float>::infinity());
-  }
+// Entries of one (batch, head) pair's packed probabilities: sum over blocks of rows * r1.
+int64_t PackedProbs(int64_t L, int64_t block) {
+  int64_t n = 0;
+  for (int64_t r0 = 0; r0 < L; r0 += block) n += (std::min(L, r0 + block) - r0) * std::min(L, r0 + block);
+  return n;
 }
 
-ffi::Error AttentionFwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
-                        Rank4 v, ffi::Result<Rank4> o,
-                        ffi::Result<Rank3> lse, float scale, int64_t block) {
-  const Dims d = DimsOf(q);
-  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
-  float *po = o->typed_data(), *plse = lse->typed_data();
+// Scores of query rows [r0, r1) against keys [0, r1): s = scale * q k^T, row stride r1.
+void Scores(const Dims& d, const float* q, const float* k, float scale, int64_t r0, int64_t r1,
+            float* s) {
+  Sgemm(false, true, r1 - r0, r1, d.K, scale, q + r0 * d.ld(), d.ld(), k, d.ld(), 0.0f, s, r1);
+}
+
+// o = softmax(causal scores) v. The probabilities go to `probs` (packed, B * H blocks of
+// PackedProbs entries) when it is given, else to a scratch block; each row's log-sum-exp
+// goes to `lse` (B, H, L) when it is given.
+void Forward(ffi::ThreadPool& pool, const Dims d, const float* pq, const float* pk,
+             const float* pv, float* po, float* probs, float* lse, float scale, int64_t block) {
+  const int64_t packed = PackedProbs(d.L, block);
   ParallelFor(pool, d.B * d.H, [=](int64_t bh) {
-    const int64_t off = d.offset(bh);
+    const int64_t off = d.offset(bh), ld = d.ld();
     const float *qh = pq + off, *kh = pk + off, *vh = pv + off;
     float* oh = po + off;
-    float* lse_h = plse + bh * d.L;  // (B, H, L)
-    std::vector<float> s(block * d.L);
+    std::vector<float> scratch(probs ? 0 : block * d.L);
+    float* s = probs ? probs + bh * packed : scratch.data();
     for (int64_t r0 = 0; r0 < d.L; r0 += block) {
       const int64_t r1 = std::min(d.L, r0 + block);
-      CausalScores(d, qh, kh, scale, r0, r1, s.data());
-      // Softmax of each row over keys 0..r, in place: subtract the row max, one exp over the
-      // whole block (masked entries are -inf and become 0), normalise.
+      Scores(d, qh, kh, scale, r0, r1, s);
+      // Softmax of row r over keys 0..r, in place; zero above the diagonal.
       for (int64_t r = r0; r < r1; ++r) {
-        float* row = s.data() + (r - r0) * r1;
+        float* row = s + (r - r0) * r1;
+        std::fill(row + r + 1, row + r1, 0.0f);
         float mx = row[0];
 #pragma omp simd reduction(max : mx)
         for (int64_t j = 0; j <= r; ++j) mx = std::max(mx, row[j]);
 #pragma omp simd
-        for (int64_t j = 0; j < r1; ++j) row[j] -= mx;
-        lse_h[r] = mx;
-      }
-      Exp((r1 - r0) * r1, s.data());
-      for (int64_t r = r0; r < r1; ++r) {
-        float* row = s.data() + (r - r0) * r1;
+        for (int64_t j = 0; j <= r; ++j) row[j] -= mx;
+        Exp(r + 1, row);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j <= r; ++j) sum += row[j];
         const float inv = 1.0f / sum;
 #pragma omp simd
         for (int64_t j = 0; j <= r; ++j) row[j] *= inv;
-        lse_h[r] += std::log(sum);
+        if (lse) lse[bh * d.L + r] = mx + std::log(sum);
       }
-      Sgemm(false, false, r1 - r0, d.K, r1, 1.0f, s.data(), r1, vh, d.ld(), 0.0f,
-            oh + r0 * d.ld(), d.ld());
+      Sgemm(false, false, r1 - r0, d.K, r1, 1.0f, s, r1, vh, ld, 0.0f, oh + r0 * ld, ld);
+      if (probs) s += (r1 - r0) * r1;
     }
   });
+}
+
+ffi::Error AttentionFwd(ffi::ThreadPool pool, Rank4 q, Rank4 k, Rank4 v, ffi::Result<Rank4> o,
+                        ffi::Result<Rank3> lse, float scale, int64_t block) {
+  Forward(pool, DimsOf(q), q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(),
+          nullptr, lse->typed_data(), scale, block);
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
-                        Rank4 v, Rank4 o,
-                        Rank3 lse, Rank4 d_o,
-                        ffi::Result<Rank4> dq, ffi::Result<Rank4> dk,
-                        ffi::Result<Rank4> dv, float scale, int64_t block) {
+ffi::Error AttentionFwdProbs(ffi::ThreadPool pool, Rank4 q, Rank4 k, Rank4 v,
+                             ffi::Result<Rank4> o, ffi::Result<Rank3> probs, float scale,
+                             int64_t block) {
   const Dims d = DimsOf(q);
-  const float *pq = q.typed_data(), *pk = k.typed_data(), *pv = v.typed_data();
-  const float *po = o.typed_data(), *plse = lse.typed_data(), *pdo = d_o.typed_data();
-  float *pdq = dq->typed_data(), *pdk = dk->typed_data(), *pdv = dv->typed_data();
+  if (probs->dimensions()[2] != PackedProbs(d.L, block))
+    return ffi::Error::InvalidArgument("attention: probs has the wrong packed length");
+  Forward(pool, d, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(),
+          probs->typed_data(), nullptr, scale, block);
+  return ffi::Error::Success();
+}
+
+// dq, dk, dv, from the saved probabilities (`probs`) or recomputed from the log-sum-exp.
+void Backward(ffi::ThreadPool& pool, const Dims d, const float* pq, const float* pk,
+              const float* pv, const float* po, const float* probs, const float* plse,
+              const float* pdo, float* pdq, float* pdk, float* pdv, float scale, int64_t block) {
+  const int64_t packed = PackedProbs(d.L, block);
   ParallelFor(pool, d.B * d.H, [=](int64_t bh) {
     const int64_t off = d.offset(bh), ld = d.ld();
     const float *qh = pq + off, *kh = pk + off, *vh = pv + off, *oh = po + off, *doh = pdo + off;
-    const float* lse_h = plse + bh * d.L;
     float *dqh = pdq + off, *dkh = pdk + off, *dvh = pdv + off;
-    std::vector<float> p(block * d.L), dp(block * d.L), delta(d.L);
+    const float* saved = probs ? probs + bh * packed : nullptr;
+    std::vector<float> p(probs ? 0 : block * d.L), dp(block * d.L), delta(d.L);
     for (int64_t r = 0; r < d.L; ++r) {  // delta_r = do_r . o_r; dk, dv accumulate from 0
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -213,20 +226,27 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
     }
     for (int64_t r0 = 0; r0 < d.L; r0 += block) {
       const int64_t r1 = std::min(d.L, r0 + block), rows = r1 - r0;
-      CausalScores(d, qh, kh, scale, r0, r1, p.data());
-      for (int64_t r = r0; r < r1; ++r) {  // p = exp(s - lse): the forward's probabilities
-        float* row = p.data() + (r - r0) * r1;
-        const float lse_r = lse_h[r];
+      const float* pb = saved;  // this block's probabilities, row stride r1
+      if (saved) {
+        saved += rows * r1;
+      } else {  // p = exp(s - lse), zero above the diagonal
+        Scores(d, qh, kh, scale, r0, r1, p.data());
+        for (int64_t r = r0; r < r1; ++r) {
+          float* row = p.data() + (r - r0) * r1;
+          const float lse_r = plse[bh * d.L + r];
 #pragma omp simd
-        for (int64_t j = 0; j < r1; ++j) row[j] -= lse_r;
+          for (int64_t j = 0; j <= r; ++j) row[j] -= lse_r;
+          Exp(r + 1, row);
+          std::fill(row + r + 1, row + r1, 0.0f);
+        }
+        pb = p.data();
       }
-      Exp(rows * r1, p.data());
       // dv[0:r1] += p^T do;  dp = do v[0:r1]^T
-      Sgemm(true, false, r1, d.K, rows, 1.0f, p.data(), r1, doh + r0 * ld, ld, 1.0f, dvh, ld);
+      Sgemm(true, false, r1, d.K, rows, 1.0f, pb, r1, doh + r0 * ld, ld, 1.0f, dvh, ld);
       Sgemm(false, true, rows, r1, d.K, 1.0f, doh + r0 * ld, ld, vh, ld, 0.0f, dp.data(), r1);
       for (int64_t r = r0; r < r1; ++r) {  // ds = p * (dp - delta), into dp
         float* row = dp.data() + (r - r0) * r1;
-        const float* prow = p.data() + (r - r0) * r1;
+        const float* prow = pb + (r - r0) * r1;
 #pragma omp simd
         for (int64_t j = 0; j < r1; ++j) row[j] = prow[j] * (row[j] - delta[r]);
       }
@@ -235,6 +255,27 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, Rank4 q, Rank4 k,
       Sgemm(true, false, r1, d.K, rows, scale, dp.data(), r1, qh + r0 * ld, ld, 1.0f, dkh, ld);
     }
   });
+}
+
+ffi::Error AttentionBwd(ffi::ThreadPool pool, Rank4 q, Rank4 k, Rank4 v, Rank4 o, Rank3 lse,
+                        Rank4 d_o, ffi::Result<Rank4> dq, ffi::Result<Rank4> dk,
+                        ffi::Result<Rank4> dv, float scale, int64_t block) {
+  Backward(pool, DimsOf(q), q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(),
+           nullptr, lse.typed_data(), d_o.typed_data(), dq->typed_data(), dk->typed_data(),
+           dv->typed_data(), scale, block);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwdProbs(ffi::ThreadPool pool, Rank4 q, Rank4 k, Rank4 v, Rank4 o,
+                             Rank3 probs, Rank4 d_o, ffi::Result<Rank4> dq,
+                             ffi::Result<Rank4> dk, ffi::Result<Rank4> dv, float scale,
+                             int64_t block) {
+  const Dims d = DimsOf(q);
+  if (probs.dimensions()[2] != PackedProbs(d.L, block))
+    return ffi::Error::InvalidArgument("attention: probs has the wrong packed length");
+  Backward(pool, d, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(),
+           probs.typed_data(), nullptr, d_o.typed_data(), dq->typed_data(), dk->typed_data(),
+           dv->typed_data(), scale, block);
   return ffi::Error::Success();
 }
 
@@ -252,25 +293,51 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmul, Matmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwd, AttentionFwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<Rank4>()
-                                  .Arg<Rank4>()
-                                  .Arg<Rank4>()
-                                  .Ret<Rank4>()
-                                  .Ret<Rank3>()
+                                  .Arg<Rank4>()   // q
+                                  .Arg<Rank4>()   // k
+                                  .Arg<Rank4>()   // v
+                                  .Ret<Rank4>()   // o
+                                  .Ret<Rank3>()   // lse (B, H, L)
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwdProbs, AttentionFwdProbs,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Rank4>()   // q
+                                  .Arg<Rank4>()   // k
+                                  .Arg<Rank4>()   // v
+                                  .Ret<Rank4>()   // o
+                                  .Ret<Rank3>()   // probs (B, H, packed)
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwd, AttentionBwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<Rank4>()
-                                  .Arg<Rank4>()
-                                  .Arg<Rank4>()
-                                  .Arg<Rank4>()
-                                  .Arg<Rank3>()
-                                  .Arg<Rank4>()
-                                  .Ret<Rank4>()
-                                  .Ret<Rank4>()
-                                  .Ret<Rank4>()
+                                  .Arg<Rank4>()   // q
+                                  .Arg<Rank4>()   // k
+                                  .Arg<Rank4>()   // v
+                                  .Arg<Rank4>()   // o
+                                  .Arg<Rank3>()   // lse
+                                  .Arg<Rank4>()   // do
+                                  .Ret<Rank4>()   // dq
+                                  .Ret<Rank4>()   // dk
+                                  .Ret<Rank4>()   // dv
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwdProbs, AttentionBwdProbs,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Rank4>()   // q
+                                  .Arg<Rank4>()   // k
+                                  .Arg<Rank4>()   // v
+                                  .Arg<Rank4>()   // o
+                                  .Arg<Rank3>()   // probs
+                                  .Arg<Rank4>()   // do
+                                  .Ret<Rank4>()   // dq
+                                  .Ret<Rank4>()   // dk
+                                  .Ret<Rank4>()   // dv
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block"));

@@ -10,6 +10,10 @@ MKL's SGEMM (sequential MKL, parallelised on XLA's own thread pool):
                          the log-sum-exp of each query row (B, H, L)
   ladder_attention_bwd   dq, dk, dv from the saved log-sum-exp (the (L, L)
                          probabilities are recomputed, never stored)
+  ladder_attention_fwd_probs, ladder_attention_bwd_probs
+                         the same, saving the causal probabilities instead
+                         (`saves_probs`: where they cost no more memory than
+                         the q, k, v, o the backward keeps anyway)
 
 `matmul` and `causal_attention` below wrap them with their gradients
 (`jax.custom_vjp`). The C++ is compiled on first use with the machine's C++
@@ -49,7 +53,9 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MKL_LIBS = ("mkl_intel_lp64", "mkl_sequential", "mkl_core")
 ATTENTION_BLOCK = 64  # query rows per block of the attention kernels
 TARGETS = {"ladder_matmul": "LadderMatmul", "ladder_attention_fwd": "LadderAttentionFwd",
-           "ladder_attention_bwd": "LadderAttentionBwd"}
+           "ladder_attention_bwd": "LadderAttentionBwd",
+           "ladder_attention_fwd_probs": "LadderAttentionFwdProbs",
+           "ladder_attention_bwd_probs": "LadderAttentionBwdProbs"}
 
 
 def _mkl_dir() -> tuple[Path, str] | None:
@@ -166,12 +172,29 @@ def _attn_attrs(scale: float) -> dict:
     return {"scale": np.float32(scale), "block": np.int64(ATTENTION_BLOCK)}
 
 
-def _attn_fwd_call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float):
-    """(o_BxLxHxK, lse_BxHxL): the output and each query row's log-sum-exp."""
+def packed_probs(L: int) -> int:
+    """Entries of one (batch, head) pair's saved probabilities: query block i keeps its
+    (rows, end of block i) rectangle (the kernels' packed layout)."""
+    ends = [min(L, r0 + ATTENTION_BLOCK) for r0 in range(0, L, ATTENTION_BLOCK)]
+    return sum((end - r0) * end for r0, end in zip(range(0, L, ATTENTION_BLOCK), ends))
+
+
+def saves_probs(L: int, K: int) -> bool:
+    """Whether the forward saves the causal probabilities for the backward, which then skips
+    recomputing scores and exponentials (-23% of attention's time at the reference shapes,
+    experiments/perf.md): when they take no more memory than q, k, v and o, which the
+    backward keeps anyway (L <= ~8 K). Longer sequences recompute them from the log-sum-exp."""
+    return packed_probs(L) <= 4 * L * K
+
+
+def _attn_fwd_call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float, probs: bool = False):
+    """(o_BxLxHxK, lse_BxHxL), or (o_BxLxHxK, probs_BxHxP) with `probs`: the output and each
+    query row's log-sum-exp, or the packed causal probabilities."""
     B, L, H, _ = q_BxLxHxK.shape
+    saved = (B, H, packed_probs(L)) if probs else (B, H, L)
     outs = (jax.ShapeDtypeStruct(q_BxLxHxK.shape, jnp.float32),
-            jax.ShapeDtypeStruct((B, H, L), jnp.float32))
-    call = jax.ffi.ffi_call("ladder_attention_fwd", outs)
+            jax.ShapeDtypeStruct(saved, jnp.float32))
+    call = jax.ffi.ffi_call("ladder_attention_fwd_probs" if probs else "ladder_attention_fwd", outs)
     return call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, **_attn_attrs(scale))
 
 
@@ -181,14 +204,17 @@ def _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale):
 
 
 def _attention_fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale):
-    o_BxLxHxK, lse_BxHxL = _attn_fwd_call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale)
-    return o_BxLxHxK, (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, o_BxLxHxK, lse_BxHxL)
+    _, L, _, K = q_BxLxHxK.shape
+    o_BxLxHxK, saved = _attn_fwd_call(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale, saves_probs(L, K))
+    return o_BxLxHxK, (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, o_BxLxHxK, saved)
 
 
 def _attention_bwd(scale, res, do_BxLxHxK):
-    """(dq, dk, dv), each (B, L, H, K)."""
+    """(dq, dk, dv), each (B, L, H, K), from the saved probabilities or log-sum-exp."""
+    _, L, _, K = do_BxLxHxK.shape
+    target = "ladder_attention_bwd_probs" if saves_probs(L, K) else "ladder_attention_bwd"
     outs = tuple(jax.ShapeDtypeStruct(do_BxLxHxK.shape, jnp.float32) for _ in range(3))
-    return jax.ffi.ffi_call("ladder_attention_bwd", outs)(*res, do_BxLxHxK, **_attn_attrs(scale))
+    return jax.ffi.ffi_call(target, outs)(*res, do_BxLxHxK, **_attn_attrs(scale))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

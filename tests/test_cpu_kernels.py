@@ -49,8 +49,11 @@ def test_matmul_and_its_gradients_match_xla(n, d, f):
 
 
 # L = 100 ends in a partial query block (cpu_kernels.ATTENTION_BLOCK = 64); scale 1/K is muP's.
+# Both backward paths: probabilities saved by the forward, or recomputed from the log-sum-exp.
+@pytest.mark.parametrize("saved", [True, False], ids=["probs", "lse"])
 @pytest.mark.parametrize("L, scale", [(100, None), (128, 1 / 16), (1, None)])
-def test_attention_and_its_gradients_match_xla(L, scale):
+def test_attention_and_its_gradients_match_xla(L, scale, saved, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "saves_probs", lambda L, K: saved)
     B, H, K = 2, 3, 16
     q, k, v, do = (_normal(i, (B, L, H, K)) * 2 for i in range(4))
 
@@ -64,6 +67,13 @@ def test_attention_and_its_gradients_match_xla(L, scale):
         outs[kind] = (out, *grads)
     for a, b in zip(outs["mkl"], outs["xla"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_probabilities_are_saved_only_where_they_cost_no_more_than_q_k_v_o():
+    # The reference shapes (L 256, K 64) save them; longer sequences recompute.
+    assert cpu_kernels.packed_probs(256) == 64 * (64 + 128 + 192 + 256)
+    assert cpu_kernels.packed_probs(100) == 64 * 64 + 36 * 100
+    assert cpu_kernels.saves_probs(256, 64) and not cpu_kernels.saves_probs(1024, 64)
 
 
 def test_mkl_needs_one_cpu_device():
