@@ -183,7 +183,9 @@ def saves_probs(L: int, K: int) -> bool:
     """Whether the forward saves the causal probabilities for the backward, which then skips
     recomputing scores and exponentials (-23% of attention's time at the reference shapes,
     experiments/perf.md): when they take no more memory than q, k, v and o, which the
-    backward keeps anyway (L <= ~8 K). Longer sequences recompute them from the log-sum-exp."""
+    backward keeps anyway. With L a multiple of the 64-row block, packed_probs(L) =
+    L (L + 64) / 2 <= 4 L K means L <= 8 K - 64 (448 for K = 64). Longer sequences recompute
+    them from the log-sum-exp."""
     return packed_probs(L) <= 4 * L * K
 
 
