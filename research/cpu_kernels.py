@@ -1,9 +1,10 @@
-"""MKL-backed CPU kernels for the train step: 2-D matmul and causal attention.
+"""MKL-backed CPU kernels for the train step: 2-D matmul, causal attention, RMSNorm's backward.
 
 XLA:CPU's own dot kernels run the reference step's matmuls 8-25% below MKL's
-SGEMM on the same machine, and XLA has no fused attention on CPU (see
-experiments/perf.md). `cpu_kernels.cc` holds three XLA FFI handlers built on
-MKL's SGEMM (sequential MKL, parallelised on XLA's own thread pool):
+SGEMM on the same machine, XLA has no fused attention on CPU, and its autodiff
+of RMSNorm takes several passes (see experiments/perf.md). `cpu_kernels.cc`
+holds XLA FFI handlers, most built on MKL's SGEMM (sequential MKL,
+parallelised on XLA's own thread pool):
 
   ladder_matmul          c = op(a) @ op(b), 2-D, fp32
   ladder_attention_fwd   exact causal attention of (B, L, H, K) q, k, v, plus
@@ -14,10 +15,13 @@ MKL's SGEMM (sequential MKL, parallelised on XLA's own thread pool):
                          the same, saving the causal probabilities instead
                          (`saves_probs`: where they cost no more memory than
                          the q, k, v, o the backward keeps anyway)
+  ladder_rms_norm_bwd    RMSNorm's backward, dx and the scale's gradient, in
+                         one pass over the rows (the forward stays XLA's)
 
-`matmul` and `causal_attention` below wrap them with their gradients
-(`jax.custom_vjp`). The C++ is compiled on first use with the machine's C++
-compiler against jaxlib's FFI headers and the MKL of the `mkl` wheel (the
+`matmul`, `causal_attention` and `rms_norm` below wrap them with their
+gradients (`jax.custom_vjp`). The C++ is compiled on first use with the
+machine's C++ compiler (for this CPU: `-march=native`) against jaxlib's FFI
+headers and the MKL of the `mkl` wheel (the
 `cpu` extra), then cached under $LADDER_CACHE/kernels (default
 ~/.cache/ladder). `unavailable()` says why they cannot be used here (no MKL,
 no compiler, not x86-64 Linux), and the model then keeps XLA's kernels.
@@ -55,7 +59,8 @@ ATTENTION_BLOCK = 64  # query rows per block of the attention kernels
 TARGETS = {"ladder_matmul": "LadderMatmul", "ladder_attention_fwd": "LadderAttentionFwd",
            "ladder_attention_bwd": "LadderAttentionBwd",
            "ladder_attention_fwd_probs": "LadderAttentionFwdProbs",
-           "ladder_attention_bwd_probs": "LadderAttentionBwdProbs"}
+           "ladder_attention_bwd_probs": "LadderAttentionBwdProbs",
+           "ladder_rms_norm_bwd": "LadderRmsNormBwd"}
 
 
 def _mkl_dir() -> tuple[Path, str] | None:
@@ -70,6 +75,16 @@ def _mkl_dir() -> tuple[Path, str] | None:
     return None
 
 
+def _cpu_id() -> str:
+    """The CPU's model name and instruction-set flags (Linux), for the build cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+    except OSError:
+        return platform.processor()
+    return "".join(sorted(set(lines)))
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("LADDER_CACHE", Path.home() / ".cache" / "ladder")) / "kernels"
 
@@ -81,9 +96,10 @@ def _build(mkl: Path, suffix: str) -> Path:
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
     include = jax.ffi.include_dir()
     libs = [f"-l:lib{name}.so{suffix}" for name in MKL_LIBS]
-    cmd = [cxx, "-O3", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w", f"-I{include}",
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w", f"-I{include}",
            str(SOURCE), f"-L{mkl}", *libs, f"-Wl,-rpath,{mkl}"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd + [jax.__version__]).encode())
+    # -march=native: the key names the CPU too, so a cache shared between machines stays right.
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd + [jax.__version__, _cpu_id()]).encode())
     out = _cache_dir() / f"ladder_cpu_{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -229,3 +245,36 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
     if any(x.dtype != jnp.float32 for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)):
         raise TypeError(f"MKL attention is float32 only, got {q_BxLxHxK.dtype}")
     return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, float(scale))
+
+
+# ----------------------------------------------------------------- RMSNorm
+
+def _rms_norm_ref(x_NxD, w_D, eps):
+    return x_NxD * jax.lax.rsqrt((x_NxD * x_NxD).mean(-1, keepdims=True) + eps) * w_D
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm(x_NxD, w_D, eps):
+    return _rms_norm_ref(x_NxD, w_D, eps)
+
+
+def _rms_norm_fwd(x_NxD, w_D, eps):
+    return _rms_norm_ref(x_NxD, w_D, eps), (x_NxD, w_D)
+
+
+def _rms_norm_bwd(eps, res, dy_NxD):
+    x_NxD, w_D = res
+    outs = (jax.ShapeDtypeStruct(x_NxD.shape, jnp.float32), jax.ShapeDtypeStruct(w_D.shape, jnp.float32))
+    return jax.ffi.ffi_call("ladder_rms_norm_bwd", outs)(x_NxD, w_D, dy_NxD, eps=np.float32(eps))
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def rms_norm(x_NxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2, -1) + eps) * w for float32 (N, D) x and (D,) w. The forward is
+    XLA's; the backward is one pass of the CPU kernel (XLA's own took ~4x longer, perf.md)."""
+    _require()
+    if x_NxD.dtype != jnp.float32 or w_D.dtype != jnp.float32:
+        raise TypeError(f"CPU RMSNorm is float32 only, got {x_NxD.dtype}, {w_D.dtype}")
+    return _rms_norm(x_NxD, w_D, float(eps))

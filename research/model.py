@@ -66,20 +66,26 @@ def matmul(kind: str, x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
     return x_NxD @ w_DxF
 
 
-class Norm(nnx.Module):
-    """RMSNorm or LayerNorm over the last dim; statistics in float32."""
+NORM_EPS = 1e-6
 
-    def __init__(self, dim: int, kind: str):
-        self.kind = kind
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm over the last dim; statistics in float32. Where the matmuls run
+    on the CPU kernels (`model.matmul` resolves to mkl), so does RMSNorm's backward."""
+
+    def __init__(self, dim: int, kind: str, matmul: str = "xla"):
+        self.kind, self.matmul = kind, matmul
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=(None,))
         if kind == "layernorm":
             self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=(None,))
 
     def __call__(self, x_NxD: jax.Array) -> jax.Array:
+        if self.kind == "rmsnorm" and resolve_matmul(self.matmul, x_NxD.dtype) == "mkl":
+            return cpu_kernels.rms_norm(x_NxD, self.scale[...], NORM_EPS)
         x = x_NxD.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS)
         x = x * self.scale[...]
         if self.kind == "layernorm":
             x = x + self.bias[...]
@@ -116,12 +122,12 @@ class Block(nnx.Module):
         self.n_heads, self.dtype, self.attention = H, jnp.dtype(cfg.dtype), cfg.attention
         self.matmul = cfg.matmul
         self.residual, self.attn_scale = mult.residual, mult.attn_scale
-        self.attn_norm = Norm(D, cfg.norm)
+        self.attn_norm = Norm(D, cfg.norm, cfg.matmul)
         self.wq = _param(rngs, (D, H * K), ("embed", "heads"), std)
         self.wk = _param(rngs, (D, H * K), ("embed", "heads"), std)
         self.wv = _param(rngs, (D, H * K), ("embed", "heads"), std)
         self.wo = _param(rngs, (H * K, D), ("heads", "embed"), out_std)
-        self.mlp_norm = Norm(D, cfg.norm)
+        self.mlp_norm = Norm(D, cfg.norm, cfg.matmul)
         self.w_in = _param(rngs, (D, F), ("embed", "mlp"), std)
         self.w_out = _param(rngs, (F, D), ("mlp", "embed"), out_std)
 
@@ -201,7 +207,7 @@ class Transformer(nnx.Module):
             self.pos_embed = _param(rngs, (max_len, D), (None, "embed"), cfg.init_std / 2)
         n_distinct = cfg.share_layers or cfg.n_layers
         self.blocks = nnx.List([Block(cfg, mult, rngs) for _ in range(n_distinct)])
-        self.final_norm = Norm(D, cfg.norm)
+        self.final_norm = Norm(D, cfg.norm, cfg.matmul)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std)
 

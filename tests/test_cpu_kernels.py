@@ -69,6 +69,27 @@ def test_attention_and_its_gradients_match_xla(L, scale, saved, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
 
 
+# Rows not a multiple of the 64-row split, and fewer rows than one part.
+@pytest.mark.parametrize("n, d", [(300, 48), (5, 7)])
+def test_rms_norm_and_its_gradients_match_xla(n, d):
+    x, dy = _normal(0, (n, d)) * 3, _normal(1, (n, d))
+    w = 1 + 0.1 * _normal(2, (d,))
+
+    def ref(x, w):
+        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w
+
+    def loss(norm, x, w):
+        return (norm(x, w) * dy).sum()
+
+    mkl = jax.jit(jax.grad(lambda x, w: loss(lambda x, w: cpu_kernels.rms_norm(x, w, 1e-6), x, w),
+                           argnums=(0, 1)))
+    xla = jax.jit(jax.grad(lambda x, w: loss(ref, x, w), argnums=(0, 1)))
+    np.testing.assert_allclose(jax.jit(cpu_kernels.rms_norm, static_argnums=2)(x, w, 1e-6), ref(x, w),
+                               rtol=1e-6, atol=1e-6)
+    for a, b in zip(mkl(x, w), xla(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_probabilities_are_saved_only_where_they_cost_no_more_than_q_k_v_o():
     # The reference shapes (L 256, K 64) save them; longer sequences recompute.
     assert cpu_kernels.packed_probs(256) == 64 * (64 + 128 + 192 + 256)
