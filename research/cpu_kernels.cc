@@ -365,57 +365,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmul, Matmul,
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwd, AttentionFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Rank4>()   // q
-                                  .Arg<Rank4>()   // k
-                                  .Arg<Rank4>()   // v
-                                  .Ret<Rank4>()   // o
-                                  .Ret<Rank3>()   // lse (B, H, L)
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("block"));
+// The attention handlers' signatures; the saved tensor is the log-sum-exp (B, H, L) or the
+// packed probabilities (B, H, PackedProbs).
+static auto AttentionFwdBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<Rank4>()  // q
+      .Arg<Rank4>()  // k
+      .Arg<Rank4>()  // v
+      .Ret<Rank4>()  // o
+      .Ret<Rank3>()  // saved: lse or probs
+      .Attr<float>("scale")
+      .Attr<int64_t>("block");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwdProbs, AttentionFwdProbs,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Rank4>()   // q
-                                  .Arg<Rank4>()   // k
-                                  .Arg<Rank4>()   // v
-                                  .Ret<Rank4>()   // o
-                                  .Ret<Rank3>()   // probs (B, H, packed)
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("block"));
+static auto AttentionBwdBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<Rank4>()  // q
+      .Arg<Rank4>()  // k
+      .Arg<Rank4>()  // v
+      .Arg<Rank4>()  // o
+      .Arg<Rank3>()  // saved: lse or probs
+      .Arg<Rank4>()  // do
+      .Ret<Rank4>()  // dq
+      .Ret<Rank4>()  // dk
+      .Ret<Rank4>()  // dv
+      .Attr<float>("scale")
+      .Attr<int64_t>("block");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwd, AttentionBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Rank4>()   // q
-                                  .Arg<Rank4>()   // k
-                                  .Arg<Rank4>()   // v
-                                  .Arg<Rank4>()   // o
-                                  .Arg<Rank3>()   // lse
-                                  .Arg<Rank4>()   // do
-                                  .Ret<Rank4>()   // dq
-                                  .Ret<Rank4>()   // dk
-                                  .Ret<Rank4>()   // dv
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("block"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwdProbs, AttentionBwdProbs,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Rank4>()   // q
-                                  .Arg<Rank4>()   // k
-                                  .Arg<Rank4>()   // v
-                                  .Arg<Rank4>()   // o
-                                  .Arg<Rank3>()   // probs
-                                  .Arg<Rank4>()   // do
-                                  .Ret<Rank4>()   // dq
-                                  .Ret<Rank4>()   // dk
-                                  .Ret<Rank4>()   // dv
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("block"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwd, AttentionFwd, AttentionFwdBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwdProbs, AttentionFwdProbs, AttentionFwdBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwd, AttentionBwd, AttentionBwdBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwdProbs, AttentionBwdProbs, AttentionBwdBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderRmsNormBwd, RmsNormBwd,
                               ffi::Ffi::Bind()
