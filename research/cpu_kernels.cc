@@ -313,7 +313,7 @@ ffi::Error AttentionBwdProbs(ffi::ThreadPool pool, Rank4 q, Rank4 k, Rank4 v, Ra
 //
 // Backward of y = x r w, r = 1 / sqrt(mean(x^2) + eps) per row, in one pass over each row:
 //   dx = r (dy w) - x r^3 mean(dy w x),   dw = sum over rows of dy x r.
-// XLA's autodiff of the same took ~6x the time of one pass over x (experiments/perf.md):
+// XLA's autodiff of the same took ~3x this kernel's time (experiments/perf.md, item 30):
 // it materialised broadcasts of r and w for the reductions. Rows are split across threads;
 // each part sums its own dw, and the parts are added at the end.
 

@@ -273,7 +273,7 @@ _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 def rms_norm(x_NxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2, -1) + eps) * w for float32 (N, D) x and (D,) w. The forward is
-    XLA's; the backward is one pass of the CPU kernel (XLA's own took ~4x longer, perf.md)."""
+    XLA's; the backward is one pass of the CPU kernel (XLA's own took ~3x longer, perf.md)."""
     _require()
     if x_NxD.dtype != jnp.float32 or w_D.dtype != jnp.float32:
         raise TypeError(f"CPU RMSNorm is float32 only, got {x_NxD.dtype}, {w_D.dtype}")
