@@ -58,6 +58,14 @@ void Sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
               static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
 }
 
+// Scratch floats, left uninitialised (a std::vector would write zeros first).
+struct Scratch {
+  std::unique_ptr<float[]> buf;
+  explicit Scratch(int64_t n) : buf(n > 0 ? new float[n] : nullptr) {}
+  float* data() const { return buf.get(); }
+  float& operator[](int64_t i) const { return buf[i]; }
+};
+
 // Parts 0..parts-1 of one call, shared between the caller and pool threads.
 struct Job {
   std::function<void(int64_t)> fn;
@@ -188,7 +196,7 @@ void Forward(ffi::ThreadPool& pool, const Dims d, const float* pq, const float* 
     const int64_t off = d.offset(bh), ld = d.ld();
     const float *qh = pq + off, *kh = pk + off, *vh = pv + off;
     float* oh = po + off;
-    std::vector<float> scratch(probs ? 0 : block * d.L);
+    Scratch scratch(probs ? 0 : block * d.L);
     float* s = probs ? probs + bh * packed : scratch.data();
     for (int64_t r0 = 0; r0 < d.L; r0 += block) {
       const int64_t r1 = std::min(d.L, r0 + block);
@@ -245,7 +253,7 @@ void Backward(ffi::ThreadPool& pool, const Dims d, const float* pq, const float*
     const float *qh = pq + off, *kh = pk + off, *vh = pv + off, *oh = po + off, *doh = pdo + off;
     float *dqh = pdq + off, *dkh = pdk + off, *dvh = pdv + off;
     const float* saved = probs ? probs + bh * packed : nullptr;
-    std::vector<float> p(probs ? 0 : block * d.L), dp(block * d.L), delta(d.L);
+    Scratch p(probs ? 0 : block * d.L), dp(block * d.L), delta(d.L);
     for (int64_t r = 0; r < d.L; ++r) {  // delta_r = do_r . o_r; dk, dv accumulate from 0
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
