@@ -2,6 +2,7 @@
 
     python experiments/init_compile.py [OVERRIDES...]
     python experiments/init_compile.py model=gpt2s data.seq_len=1024 data.vocab_size=50304
+    python experiments/init_compile.py --variant batched [OVERRIDES...]  # one way only
 
 On the H100 of session 5, compiling `step.init_state` for GPT-2 small took more
 than 100 s, against 13-17 s for the train step (experiments/perf.md). Each
@@ -122,10 +123,12 @@ def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--variant":
         print(json.dumps(measure(sys.argv[2], sys.argv[3:])))
         return 0
+    # Each way in its own process: no compile cache shared between them, and this driver never
+    # imports JAX (on a GPU it would take the card's memory).
     overrides, failed = sys.argv[1:], 0
-    for variant in VARIANTS:  # each in its own process: no compile cache shared between them
+    for variant in VARIANTS:
         proc = subprocess.run([sys.executable, __file__, "--variant", variant, *overrides],
-                              cwd=ROOT, capture_output=True, text=True)
+                              cwd=ROOT, capture_output=True, text=True, check=False)
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
             failed += 1
