@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# Test workers (pytest-xdist): the suite is compile-bound, and XLA compiles on one core.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -20,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m research.analyze report $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) -m research.bench
