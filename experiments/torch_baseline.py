@@ -93,20 +93,15 @@ def matmul_rate(seconds: float = 2.0, n: int = 1024) -> float:
     return statistics.median(rates)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
-    args = ap.parse_args()
-
+def make_step(compile: bool = False):
+    """step(i) -> loss: one AdamW train step of a fresh GPT (seed 0) on batch i % 2."""
     torch.manual_seed(0)
-    peak_before = matmul_rate()
     model = GPT()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model) if compile else model
     batches = [torch.randint(0, VOCAB, (BATCH, SEQ + 1)) for _ in range(2)]
 
-    def step(i):
+    def step(i: int) -> float:
         batch = batches[i % 2]
         loss = fwd(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
@@ -114,6 +109,17 @@ def main() -> None:
         opt.step()
         return loss.item()
 
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    args = ap.parse_args()
+
+    peak_before = matmul_rate()
+    step = make_step(args.compile)
     t0 = time.perf_counter()
     step(0)
     first_s = time.perf_counter() - t0

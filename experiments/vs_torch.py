@@ -1,0 +1,186 @@
+"""Our train step against PyTorch's, paired step by step: the side by side without the VM's drift.
+
+    python experiments/vs_torch.py --torch-python PATH [--ours "OVERRIDES"] [--rounds 12] [--steps 2] [--settle 0.5]
+
+PATH is a Python that has `torch` (CPU build); this project's environment
+needs none. Two long-lived workers are started, each in its own process and
+environment, as they run alone:
+- ours: the reference config of `python -m research.bench` (the CLIs'
+  host malloc, research/hostmem.py), plus `--ours` (space-separated
+  overrides, e.g. "model.pos=learned model.norm=layernorm" for nanoGPT's
+  positions and norm), compiled and warmed up;
+- PyTorch: `experiments/torch_baseline.py`'s nanoGPT step (eager), warmed up.
+They then take turns: each round runs `--steps` timed steps of one, then of
+the other (who goes first alternates), with `--settle` seconds of quiet
+before each turn so that neither's idle threads still spin in the other's.
+This machine's speed drifts by a third within minutes (experiments/perf.md),
+and two runs minutes apart differ by more than the gap being measured; here
+both sides see the same minutes.
+
+Prints a line per round (each side's median step, the ratio PyTorch / ours:
+above 1 means ours is faster), then one JSON line: both medians over all
+steps, model GFLOP/s (PaLM accounting on each side's own model, as
+`research.bench` and `torch_baseline.py` report them), the median ratio of
+the rounds, how many rounds ours won, and each side's last loss.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__" and sys.argv[1:3] == ["--serve", "ours"]:  # as the CLIs: hostmem.py
+    from research import hostmem
+
+    hostmem.reexec()
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def serve_ours(overrides: list[str]):
+    """(step(i) -> loss, model FLOPs per step, description) for the bench's reference config
+    plus `overrides`."""
+    import jax
+
+    from research import config, data, flops, hostmem
+    from research import sharding as shd
+    from research.bench import REFERENCE, compiled_step
+
+    config.check_group_choices(overrides, config.CONF_DIR)
+    cfg = config.parse(config.compose([*REFERENCE, *overrides]))
+    corpus = data.load(cfg.data)
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    train_step, state, batches, _ = compiled_step(cfg, corpus, mesh)
+    holder = {"state": state}
+
+    def step(i: int) -> float:
+        holder["state"], metrics = train_step(holder["state"], batches[i % 2])
+        return float(metrics["loss"])  # waits for the step
+
+    seq_len = cfg.data.seq_len
+    per_step = cfg.train.batch_size * seq_len * flops.flops_per_token(cfg.model, corpus.vocab_size, seq_len)
+    about = f"jax {jax.__version__}, host malloc {hostmem.status()}, overrides {overrides}"
+    return step, per_step, about
+
+
+def serve_torch():
+    """(step(i) -> loss, model FLOPs per step, description) for torch_baseline.py's eager step."""
+    sys.path.insert(0, str(HERE))
+    import torch
+    import torch_baseline as tb
+
+    return tb.make_step(), tb.BATCH * tb.SEQ * tb.flops_per_token(), f"torch {torch.__version__}"
+
+
+def serve(side: str, overrides: list[str]) -> None:
+    """Worker: build and warm up, print one JSON line, then for each line N on stdin,
+    run N steps timed one by one and print their times and the last loss."""
+    step, per_step, about = serve_ours(overrides) if side == "ours" else serve_torch()
+    done = 0
+    for _ in range(2):  # warm-up (ours has compiled already)
+        step(done)
+        done += 1
+    print(json.dumps({"flops_per_step": per_step, "about": about}), flush=True)
+    for line in sys.stdin:
+        times, loss = [], None
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
+            loss = step(done)
+            times.append(time.perf_counter() - t0)
+            done += 1
+        print(json.dumps({"times": times, "loss": loss}), flush=True)
+
+
+class Worker:
+    """A serving process and its replies (one JSON line per request)."""
+
+    def __init__(self, name: str, python: str, *args: str):
+        self.name, self.times, self.loss = name, [], None
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--serve", name, *args],
+                                     cwd=HERE.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"vs_torch: the {self.name} worker exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, steps: int) -> list[float]:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        self.times += reply["times"]
+        self.loss = reply["loss"]
+        return reply["times"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--torch-python", help="a Python interpreter that has torch (required)")
+    ap.add_argument("--ours", default="", help="overrides of our config, space-separated")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
+    ap.add_argument("--settle", type=float, default=0.5, help="seconds of quiet before each turn")
+    ap.add_argument("--serve", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        try:
+            serve(args.serve, args.ours.split())
+        except ValueError as err:  # research.config.ConfigError: before any compile
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.torch_python is None:
+        raise SystemExit("vs_torch: --torch-python PATH is required (a Python that has torch)")
+    for name, value in (("--rounds", args.rounds), ("--steps", args.steps)):
+        if value < 1:
+            raise SystemExit(f"vs_torch: {name} must be at least 1, got {value}")
+    if args.settle < 0:
+        raise SystemExit(f"vs_torch: --settle must be >= 0 seconds, got {args.settle}")
+    python = Path(args.torch_python)
+    if not python.is_file():
+        raise SystemExit(f"vs_torch: --torch-python {python} is not a file")
+    # One at a time, so that neither's set-up (our compile) overlaps the other's.
+    ours = Worker("ours", sys.executable, "--ours", args.ours)
+    theirs = Worker("torch", str(python))
+    ratios = []
+    try:
+        for r in range(args.rounds):
+            med = {}
+            for w in (ours, theirs) if r % 2 == 0 else (theirs, ours):
+                time.sleep(args.settle)
+                med[w.name] = statistics.median(w.run(args.steps))
+            ratios.append(med["torch"] / med["ours"])
+            print(f"round {r + 1:2d}: ours {med['ours']:.3f} s  torch {med['torch']:.3f} s  "
+                  f"torch/ours {ratios[-1]:.3f}", flush=True)
+    finally:
+        ours.close()
+        theirs.close()
+    summary = {"rounds": args.rounds, "steps_per_round": args.steps,
+               "ours": ours.info["about"], "torch": theirs.info["about"],
+               "ratio_torch_over_ours_median": statistics.median(ratios),
+               "ratio_min_max": [min(ratios), max(ratios)],
+               "rounds_ours_faster": sum(x > 1 for x in ratios)}
+    for w in (ours, theirs):
+        step_s = statistics.median(w.times)
+        summary[f"{w.name}_step_s"] = step_s
+        summary[f"{w.name}_gflops"] = w.info["flops_per_step"] / step_s / 1e9
+        summary[f"{w.name}_last_loss"] = w.loss
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
