@@ -35,6 +35,7 @@ if __name__ == "__main__" and sys.argv[1:3] == ["--serve", "ours"]:  # as the CL
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import time
@@ -52,8 +53,12 @@ def serve_ours(overrides: list[str]):
     from research import sharding as shd
     from research.bench import REFERENCE, compiled_step
 
-    config.check_group_choices(overrides, config.CONF_DIR)
-    cfg = config.parse(config.compose([*REFERENCE, *overrides]))
+    try:
+        config.check_group_choices(overrides, config.CONF_DIR)
+        cfg = config.parse(config.compose([*REFERENCE, *overrides]))
+    except config.ConfigError as err:  # before any compile, as the CLIs
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
     corpus = data.load(cfg.data)
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     train_step, state, batches, _ = compiled_step(cfg, corpus, mesh)
@@ -136,11 +141,7 @@ def main() -> int:
     ap.add_argument("--serve", choices=["ours", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        try:
-            serve(args.serve, args.ours.split())
-        except ValueError as err:  # research.config.ConfigError: before any compile
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
+        serve(args.serve, args.ours.split())
         return 0
     if args.torch_python is None:
         raise SystemExit("vs_torch: --torch-python PATH is required (a Python that has torch)")
@@ -149,12 +150,12 @@ def main() -> int:
             raise SystemExit(f"vs_torch: {name} must be at least 1, got {value}")
     if args.settle < 0:
         raise SystemExit(f"vs_torch: --settle must be >= 0 seconds, got {args.settle}")
-    python = Path(args.torch_python)
-    if not python.is_file():
-        raise SystemExit(f"vs_torch: --torch-python {python} is not a file")
+    python = shutil.which(args.torch_python)
+    if python is None:
+        raise SystemExit(f"vs_torch: --torch-python {args.torch_python}: no such executable")
     # One at a time, so that neither's set-up (our compile) overlaps the other's.
     ours = Worker("ours", sys.executable, "--ours", args.ours)
-    theirs = Worker("torch", str(python))
+    theirs = Worker("torch", python)
     ratios = []
     try:
         for r in range(args.rounds):

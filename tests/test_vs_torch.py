@@ -36,7 +36,7 @@ def test_our_worker_times_the_steps_it_is_asked_for(repo):
 
 def test_bad_input_is_one_line_and_starts_nothing(repo, tmp_path):
     cases = [([], "--torch-python PATH is required"),
-             (["--torch-python", str(tmp_path / "nope")], "is not a file"),
+             (["--torch-python", str(tmp_path / "nope")], "no such executable"),
              (["--torch-python", sys.executable, "--rounds", "0"], "--rounds must be at least 1")]
     for args, message in cases:
         proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=repo, capture_output=True, text=True,
