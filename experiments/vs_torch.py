@@ -2,7 +2,7 @@
 
     python experiments/vs_torch.py --torch-python PATH [--ours "OVERRIDES"] [--rounds 12] [--steps 2] [--settle 0.5]
 
-PATH is a Python that has `torch` (CPU build); this project's environment
+PATH is the path, or a name on PATH, of a Python that has `torch` (CPU build); this project's environment
 needs none. Two long-lived workers are started, each in its own process and
 environment, as they run alone:
 - ours: the reference config of `python -m research.bench` (the CLIs'
