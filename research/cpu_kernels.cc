@@ -317,48 +317,84 @@ ffi::Error AttentionBwdProbs(ffi::ThreadPool pool, Rank4 q, Rank4 k, Rank4 v, Ra
   return ffi::Error::Success();
 }
 
-// ------------------------------------------------------------ RMSNorm
+// ------------------------------------------------------ RMSNorm, LayerNorm
 //
-// Backward of y = x r w, r = 1 / sqrt(mean(x^2) + eps) per row, in one pass over each row:
-//   dx = r (dy w) - x r^3 mean(dy w x),   dw = sum over rows of dy x r.
-// XLA's autodiff of the same took ~3x this kernel's time (experiments/perf.md, item 30):
+// Backward of y = xhat w (+ b), xhat = (x - mu) r, r = 1 / sqrt(mean((x - mu)^2) + eps) per
+// row, with mu = mean(x) for LayerNorm (kCenter) and mu = 0 for RMSNorm. With g = dy w:
+//   dx = r (g - mean(g) - xhat mean(g xhat)),  dw = sum over rows of dy xhat,  db = sum of dy;
+// RMSNorm has no mean(g) term and no b. Each row (D floats) stays in L1 over its passes.
+// XLA's autodiff of the same took ~3x this kernel's time (experiments/perf.md, items 30, 39):
 // it materialised broadcasts of r and w for the reductions. Rows are split across threads;
-// each part sums its own dw, and the parts are added at the end.
+// each part sums its own dw (and db), and the parts are added at the end.
 
-ffi::Error RmsNormBwd(ffi::ThreadPool pool, Matrix x, Vector w, Matrix dy,
-                      ffi::Result<Matrix> dx, ffi::Result<Vector> dw,
-                      float eps) {
-  const int64_t n = x.dimensions()[0], d = x.dimensions()[1];
-  if (w.dimensions()[0] != d) return ffi::Error::InvalidArgument("rms_norm: scale size differs");
-  const float *px = x.typed_data(), *pw = w.typed_data(), *pdy = dy.typed_data();
-  float *pdx = dx->typed_data(), *pdw = dw->typed_data();
+template <bool kCenter>
+void NormBwd(ffi::ThreadPool& pool, int64_t n, int64_t d, const float* px, const float* pw,
+             const float* pdy, float* pdx, float* pdw, float* pdb, float eps) {
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n / 64));
   const int64_t rows = (n + parts - 1) / parts;
-  std::vector<float> partial(parts * d, 0.0f);
+  // Per part: dw's partial sums, then db's (LayerNorm).
+  const int64_t stride = kCenter ? 2 * d : d;
+  std::vector<float> partial(parts * stride, 0.0f);
   ParallelFor(pool, parts, [&](int64_t p) {
-    float* dwp = partial.data() + p * d;
+    float* dwp = partial.data() + p * stride;
+    float* dbp = dwp + d;
     for (int64_t i = p * rows; i < std::min(n, (p + 1) * rows); ++i) {
       const float *xi = px + i * d, *dyi = pdy + i * d;
-      float ss = 0.0f, c = 0.0f;
-#pragma omp simd reduction(+ : ss, c)
-      for (int64_t j = 0; j < d; ++j) {
-        ss += xi[j] * xi[j];
-        c += dyi[j] * pw[j] * xi[j];
+      float mu = 0.0f;
+      if constexpr (kCenter) {
+#pragma omp simd reduction(+ : mu)
+        for (int64_t j = 0; j < d; ++j) mu += xi[j];
+        mu /= d;
       }
+      // Sums of (x - mu)^2, g (x - mu) and g.
+      float ss = 0.0f, c = 0.0f, gs = 0.0f;
+#pragma omp simd reduction(+ : ss, c, gs)
+      for (int64_t j = 0; j < d; ++j) {
+        const float xc = xi[j] - mu, g = dyi[j] * pw[j];
+        ss += xc * xc;
+        c += g * xc;
+        gs += g;
+      }
+      // dx = r g - r mean(g) - (x - mu) r^3 mean(g (x - mu)).
       const float r = 1.0f / std::sqrt(ss / d + eps), k = r * r * r * (c / d);
+      const float shift = kCenter ? r * (gs / d) : 0.0f;
       float* dxi = pdx + i * d;
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
-        dxi[j] = r * dyi[j] * pw[j] - k * xi[j];
-        dwp[j] += dyi[j] * xi[j] * r;
+        const float xc = xi[j] - mu;
+        dxi[j] = r * dyi[j] * pw[j] - shift - k * xc;
+        dwp[j] += dyi[j] * xc * r;
+        if constexpr (kCenter) dbp[j] += dyi[j];
       }
     }
   });
   for (int64_t j = 0; j < d; ++j) {
-    float acc = 0.0f;
-    for (int64_t p = 0; p < parts; ++p) acc += partial[p * d + j];
+    float acc = 0.0f, acc_b = 0.0f;
+    for (int64_t p = 0; p < parts; ++p) {
+      acc += partial[p * stride + j];
+      if constexpr (kCenter) acc_b += partial[p * stride + d + j];
+    }
     pdw[j] = acc;
+    if constexpr (kCenter) pdb[j] = acc_b;
   }
+}
+
+ffi::Error RmsNormBwd(ffi::ThreadPool pool, Matrix x, Vector w, Matrix dy,
+                      ffi::Result<Matrix> dx, ffi::Result<Vector> dw, float eps) {
+  const int64_t n = x.dimensions()[0], d = x.dimensions()[1];
+  if (w.dimensions()[0] != d) return ffi::Error::InvalidArgument("rms_norm: scale size differs");
+  NormBwd<false>(pool, n, d, x.typed_data(), w.typed_data(), dy.typed_data(), dx->typed_data(),
+                 dw->typed_data(), nullptr, eps);
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNormBwd(ffi::ThreadPool pool, Matrix x, Vector w, Matrix dy,
+                        ffi::Result<Matrix> dx, ffi::Result<Vector> dw, ffi::Result<Vector> db,
+                        float eps) {
+  const int64_t n = x.dimensions()[0], d = x.dimensions()[1];
+  if (w.dimensions()[0] != d) return ffi::Error::InvalidArgument("layer_norm: scale size differs");
+  NormBwd<true>(pool, n, d, x.typed_data(), w.typed_data(), dy.typed_data(), dx->typed_data(),
+                dw->typed_data(), db->typed_data(), eps);
   return ffi::Error::Success();
 }
 
@@ -416,4 +452,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderRmsNormBwd, RmsNormBwd,
                                   .Arg<Matrix>()                    // dy (N, D)
                                   .Ret<Matrix>()                    // dx
                                   .Ret<Vector>()                    // dw
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderLayerNormBwd, LayerNormBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()                    // x (N, D)
+                                  .Arg<Vector>()                    // w (D)
+                                  .Arg<Matrix>()                    // dy (N, D)
+                                  .Ret<Matrix>()                    // dx
+                                  .Ret<Vector>()                    // dw
+                                  .Ret<Vector>()                    // db
                                   .Attr<float>("eps"));

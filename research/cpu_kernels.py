@@ -1,8 +1,8 @@
-"""MKL-backed CPU kernels for the train step: 2-D matmul, causal attention, RMSNorm's backward.
+"""MKL-backed CPU kernels for the train step: 2-D matmul, causal attention, the norms' backward.
 
 XLA:CPU's own dot kernels run the reference step's matmuls 8-25% below MKL's
 SGEMM on the same machine, XLA has no fused attention on CPU, and its autodiff
-of RMSNorm takes several passes (see experiments/perf.md). `cpu_kernels.cc`
+of the norms takes several passes (see experiments/perf.md). `cpu_kernels.cc`
 holds XLA FFI handlers, most built on MKL's SGEMM (sequential MKL,
 parallelised on XLA's own thread pool):
 
@@ -17,8 +17,9 @@ parallelised on XLA's own thread pool):
                          the q, k, v, o the backward keeps anyway)
   ladder_rms_norm_bwd    RMSNorm's backward, dx and the scale's gradient, in
                          one pass over the rows (the forward stays XLA's)
+  ladder_layer_norm_bwd  LayerNorm's, the same with the bias's gradient
 
-`matmul`, `causal_attention` and `rms_norm` below wrap them with their
+`matmul`, `causal_attention`, `rms_norm` and `layer_norm` below wrap them with their
 gradients (`jax.custom_vjp`). The C++ is compiled on first use with the
 machine's C++ compiler (for this CPU: `-march=native`) against jaxlib's FFI
 headers and the MKL of the `mkl` wheel (the
@@ -60,7 +61,8 @@ TARGETS = {"ladder_matmul": "LadderMatmul", "ladder_attention_fwd": "LadderAtten
            "ladder_attention_bwd": "LadderAttentionBwd",
            "ladder_attention_fwd_probs": "LadderAttentionFwdProbs",
            "ladder_attention_bwd_probs": "LadderAttentionBwdProbs",
-           "ladder_rms_norm_bwd": "LadderRmsNormBwd"}
+           "ladder_rms_norm_bwd": "LadderRmsNormBwd",
+           "ladder_layer_norm_bwd": "LadderLayerNormBwd"}
 
 
 def _mkl_dir() -> tuple[Path, str] | None:
@@ -247,34 +249,71 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
     return _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, float(scale))
 
 
-# ----------------------------------------------------------------- RMSNorm
+# ------------------------------------------------------- RMSNorm, LayerNorm
 
-def _rms_norm_ref(x_NxD, w_D, eps):
-    return x_NxD * jax.lax.rsqrt((x_NxD * x_NxD).mean(-1, keepdims=True) + eps) * w_D
+def _norm_ref(x_NxD, w_D, b_D, eps):
+    """The model's norms (model.Norm): RMSNorm where b_D is None, else LayerNorm."""
+    if b_D is not None:
+        x_NxD = x_NxD - x_NxD.mean(-1, keepdims=True)
+    y_NxD = x_NxD * jax.lax.rsqrt((x_NxD * x_NxD).mean(-1, keepdims=True) + eps) * w_D
+    return y_NxD if b_D is None else y_NxD + b_D
+
+
+def _norm_bwd_call(x_NxD, w_D, dy_NxD, eps, center: bool):
+    """(dx, dw) of RMSNorm, or (dx, dw, db) of LayerNorm (`center`), in one kernel call."""
+    vec = jax.ShapeDtypeStruct(w_D.shape, jnp.float32)
+    outs = (jax.ShapeDtypeStruct(x_NxD.shape, jnp.float32), vec, *((vec,) if center else ()))
+    target = "ladder_layer_norm_bwd" if center else "ladder_rms_norm_bwd"
+    return jax.ffi.ffi_call(target, outs)(x_NxD, w_D, dy_NxD, eps=np.float32(eps))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rms_norm(x_NxD, w_D, eps):
-    return _rms_norm_ref(x_NxD, w_D, eps)
+    return _norm_ref(x_NxD, w_D, None, eps)
 
 
 def _rms_norm_fwd(x_NxD, w_D, eps):
-    return _rms_norm_ref(x_NxD, w_D, eps), (x_NxD, w_D)
+    return _norm_ref(x_NxD, w_D, None, eps), (x_NxD, w_D)
 
 
 def _rms_norm_bwd(eps, res, dy_NxD):
-    x_NxD, w_D = res
-    outs = (jax.ShapeDtypeStruct(x_NxD.shape, jnp.float32), jax.ShapeDtypeStruct(w_D.shape, jnp.float32))
-    return jax.ffi.ffi_call("ladder_rms_norm_bwd", outs)(x_NxD, w_D, dy_NxD, eps=np.float32(eps))
+    return _norm_bwd_call(*res, dy_NxD, eps, center=False)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x_NxD, w_D, b_D, eps):
+    return _norm_ref(x_NxD, w_D, b_D, eps)
+
+
+def _layer_norm_fwd(x_NxD, w_D, b_D, eps):
+    return _norm_ref(x_NxD, w_D, b_D, eps), (x_NxD, w_D)
+
+
+def _layer_norm_bwd(eps, res, dy_NxD):
+    return _norm_bwd_call(*res, dy_NxD, eps, center=True)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _check_f32(name: str, *arrays) -> None:
+    _require()
+    if any(a.dtype != jnp.float32 for a in arrays):
+        raise TypeError(f"CPU {name} is float32 only, got {', '.join(str(a.dtype) for a in arrays)}")
+
+
 def rms_norm(x_NxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2, -1) + eps) * w for float32 (N, D) x and (D,) w. The forward is
     XLA's; the backward is one pass of the CPU kernel (XLA's own took ~3x longer, perf.md)."""
-    _require()
-    if x_NxD.dtype != jnp.float32 or w_D.dtype != jnp.float32:
-        raise TypeError(f"CPU RMSNorm is float32 only, got {x_NxD.dtype}, {w_D.dtype}")
+    _check_f32("RMSNorm", x_NxD, w_D)
     return _rms_norm(x_NxD, w_D, float(eps))
+
+
+def layer_norm(x_NxD: jax.Array, w_D: jax.Array, b_D: jax.Array, eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) * w + b over the last dim, float32 (N, D) x and (D,) w, b.
+    The forward is XLA's; the backward is one call of the CPU kernel, as for `rms_norm`."""
+    _check_f32("LayerNorm", x_NxD, w_D, b_D)
+    return _layer_norm(x_NxD, w_D, b_D, float(eps))

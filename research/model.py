@@ -97,7 +97,7 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm over the last dim; statistics in float32. Where the matmuls run
-    on the CPU kernels (`model.matmul` resolves to mkl), so does RMSNorm's backward."""
+    on the CPU kernels (`model.matmul` resolves to mkl), so does the norm's backward."""
 
     def __init__(self, dim: int, kind: str, matmul: str = "xla"):
         self.kind, self.matmul = kind, matmul
@@ -106,7 +106,9 @@ class Norm(nnx.Module):
             self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=(None,))
 
     def __call__(self, x_NxD: jax.Array) -> jax.Array:
-        if self.kind == "rmsnorm" and resolve_matmul(self.matmul, x_NxD.dtype) == "mkl":
+        if resolve_matmul(self.matmul, x_NxD.dtype) == "mkl":
+            if self.kind == "layernorm":
+                return cpu_kernels.layer_norm(x_NxD, self.scale[...], self.bias[...], NORM_EPS)
             return cpu_kernels.rms_norm(x_NxD, self.scale[...], NORM_EPS)
         x = x_NxD.astype(jnp.float32)
         if self.kind == "layernorm":

@@ -69,25 +69,36 @@ def test_attention_and_its_gradients_match_xla(L, scale, saved, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
 
 
-# Rows not a multiple of the 64-row split, and fewer rows than one part.
+# Rows not a multiple of the 64-row split, and fewer rows than one part. The rows have a
+# mean far from 0 (+2), which LayerNorm's backward must remove.
 @pytest.mark.parametrize("n, d", [(300, 48), (5, 7)])
-def test_rms_norm_and_its_gradients_match_xla(n, d):
-    x, dy = _normal(0, (n, d)) * 3, _normal(1, (n, d))
-    w = 1 + 0.1 * _normal(2, (d,))
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_norms_and_their_gradients_match_xla(kind, n, d):
+    x, dy = _normal(0, (n, d)) * 3 + 2, _normal(1, (n, d))
+    w, b = 1 + 0.1 * _normal(2, (d,)), 0.1 * _normal(3, (d,))
 
-    def ref(x, w):
-        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w
+    def ref(x, w, b):  # written out here, not taken from cpu_kernels or model
+        if kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w
+        return y + b if kind == "layernorm" else y
 
-    def loss(norm, x, w):
-        return (norm(x, w) * dy).sum()
+    def kernel(x, w, b):
+        if kind == "layernorm":
+            return cpu_kernels.layer_norm(x, w, b, 1e-6)
+        return cpu_kernels.rms_norm(x, w, 1e-6)
 
-    mkl = jax.jit(jax.grad(lambda x, w: loss(lambda x, w: cpu_kernels.rms_norm(x, w, 1e-6), x, w),
-                           argnums=(0, 1)))
-    xla = jax.jit(jax.grad(lambda x, w: loss(ref, x, w), argnums=(0, 1)))
-    np.testing.assert_allclose(jax.jit(cpu_kernels.rms_norm, static_argnums=2)(x, w, 1e-6), ref(x, w),
-                               rtol=1e-6, atol=1e-6)
-    for a, b in zip(mkl(x, w), xla(x, w)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    def loss(norm, x, w, b):
+        return (norm(x, w, b) * dy).sum()
+
+    mkl = jax.jit(jax.grad(lambda x, w, b: loss(kernel, x, w, b), argnums=(0, 1, 2)))
+    xla = jax.jit(jax.grad(lambda x, w, b: loss(ref, x, w, b), argnums=(0, 1, 2)))
+    np.testing.assert_allclose(jax.jit(kernel)(x, w, b), ref(x, w, b), rtol=1e-6, atol=1e-6)
+    grads_mkl, grads_xla = mkl(x, w, b), xla(x, w, b)
+    if kind == "rmsnorm":  # b is not an input of RMSNorm: both gradients are zero
+        assert not np.any(grads_mkl[2]) and not np.any(grads_xla[2])
+    for a, b_ in zip(grads_mkl, grads_xla):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
 
 
 def test_probabilities_are_saved_only_where_they_cost_no_more_than_q_k_v_o():
