@@ -99,56 +99,143 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_
 }
 
 // ---------------------------------------------------------------- matmul
+//
+// One input against g weights, as a layer's q, k and v projections: y_i = x w_i, and in one
+// backward call dx = sum_i dy_i w_i^T and dw_i = x^T dy_i. One call instead of g (and of 2 g
+// in the backward) leaves XLA's executor nothing to run beside it: three two-thread GEMMs
+// started at once on two cores share them badly. The input gradient is accumulated in
+// place (beta = 1), where g products would need g - 1 adds after them. A single matmul is
+// the group of one.
 
-// c = op(a) @ op(b) for 2-D a, b. The rows of c are split across threads, or, where the
-// inner dimension is the longer one (a weight gradient x^T dy: k = tokens), k is: each
-// thread multiplies its own slice of rows of a and b, and the partial products are summed.
-// Split by rows, every thread would pack all of b again (MKL's packing is per call);
-// over k, the packing is shared out (weight gradients +3-4% alone, experiments/perf.md).
-ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b,
-                  ffi::Result<Matrix> c, bool trans_a, bool trans_b) {
-  auto da = a.dimensions(), db = b.dimensions();
-  int64_t m = trans_a ? da[1] : da[0], k = trans_a ? da[0] : da[1];
-  int64_t n = trans_b ? db[0] : db[1];
-  if ((trans_b ? db[1] : db[0]) != k) return ffi::Error::InvalidArgument("matmul: inner dims differ");
-  const float* pa = a.typed_data();
-  const float* pb = b.typed_data();
-  float* pc = c->typed_data();
-  // Blocks of at least 64 rows (or 64 of k) keep each GEMM large enough for MKL's kernels.
+struct Operand {
+  const float* data;
+  int64_t rows, cols;
+};
+
+// Buffers [first, first + count) of the remaining args as (data, rows, cols); false if one
+// is not a rank-2 f32 buffer.
+bool Operands(const ffi::RemainingArgs& args, size_t first, size_t count,
+              std::vector<Operand>& out) {
+  for (size_t i = first; i < first + count; ++i) {
+    auto buf = args.get<Matrix>(i);
+    if (!buf.has_value()) return false;
+    auto d = buf->dimensions();
+    out.push_back({buf->typed_data(), d[0], d[1]});
+  }
+  return true;
+}
+
+bool Results(const ffi::RemainingRets& rets, size_t count, std::vector<float*>& out) {
+  for (size_t i = 0; i < count; ++i) {
+    auto buf = rets.get<Matrix>(i);
+    if (!buf.has_value()) return false;
+    out.push_back((*buf)->typed_data());
+  }
+  return true;
+}
+
+// Parts of n rows for `threads`, each of at least 64 rows (MKL's kernels want some height).
+int64_t RowParts(int64_t n, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, n / 64));
+}
+
+// args: x (N, D), w_0 .. w_{g-1} (D, F_i); rets: y_i (N, F_i). Rows of x are split across
+// threads, and each part runs all g products on its rows while they are in cache.
+ffi::Error MatmulGroupFwd(ffi::ThreadPool pool, Matrix x, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets) {
+  const int64_t n = x.dimensions()[0], d = x.dimensions()[1];
+  const size_t g = args.size();
+  std::vector<Operand> w;
+  std::vector<float*> y;
+  if (!Operands(args, 0, g, w) || !Results(rets, g, y))
+    return ffi::Error::InvalidArgument("matmul_group: operands must be 2-D float32");
+  for (const Operand& wi : w)
+    if (wi.rows != d) return ffi::Error::InvalidArgument("matmul_group: inner dims differ");
+  const float* px = x.typed_data();
+  const int64_t parts = RowParts(n, pool.num_threads()), rows = (n + parts - 1) / parts;
+  ParallelFor(pool, parts, [&](int64_t p) {
+    const int64_t r0 = p * rows, r1 = std::min(n, r0 + rows);
+    if (r0 >= r1) return;
+    for (size_t i = 0; i < g; ++i)
+      Sgemm(false, false, r1 - r0, w[i].cols, d, 1.0f, px + r0 * d, d, w[i].data, w[i].cols,
+            0.0f, y[i] + r0 * w[i].cols, w[i].cols);
+  });
+  return ffi::Error::Success();
+}
+
+// args: x (N, D), w_0 .. w_{g-1} (D, F_i), dy_0 .. dy_{g-1} (N, F_i);
+// rets: dx (N, D), dw_0 .. dw_{g-1} (D, F_i).
+// dx: rows split across threads. dw: where there are more tokens than D (the usual case),
+// the tokens are split, each part multiplies its own slice of x and dy, and the partial
+// products are summed: split by rows of dw, every thread would pack all of dy again (MKL's
+// packing is per call), +3-4% alone (experiments/perf.md, item 28). Else rows of dw.
+ffi::Error MatmulGroupBwd(ffi::ThreadPool pool, Matrix x, ffi::RemainingArgs args,
+                          ffi::Result<Matrix> dx, ffi::RemainingRets rets) {
+  const int64_t n = x.dimensions()[0], d = x.dimensions()[1];
+  if (args.size() % 2 != 0) return ffi::Error::InvalidArgument("matmul_group: g weights, g dys");
+  const size_t g = args.size() / 2;
+  std::vector<Operand> w, dy;
+  std::vector<float*> dw;
+  if (!Operands(args, 0, g, w) || !Operands(args, g, g, dy) || !Results(rets, g, dw))
+    return ffi::Error::InvalidArgument("matmul_group: operands must be 2-D float32");
+  for (size_t i = 0; i < g; ++i)
+    if (w[i].rows != d || dy[i].rows != n || dy[i].cols != w[i].cols)
+      return ffi::Error::InvalidArgument("matmul_group: dy and w shapes differ");
+  const float* px = x.typed_data();
+  float* pdx = dx->typed_data();
   const int64_t threads = pool.num_threads();
-  if (k > m && threads > 1 && k >= 128) {
-    const int64_t parts = std::min<int64_t>(threads, k / 64), span = (k + parts - 1) / parts;
-    // Part 0 writes c; the others their own m x n partial product, added to c below.
-    std::vector<std::unique_ptr<float[]>> partial(parts - 1);
-    for (auto& buf : partial) buf.reset(new float[m * n]);
-    ParallelFor(pool, parts, [&](int64_t p) {
-      const int64_t k0 = p * span, k1 = std::min(k, k0 + span);
-      float* out = p == 0 ? pc : partial[p - 1].get();  // k0 < k1: parts <= k / 64
-      // Element (r, kk) of op(a) is a[kk, r] when transposed, else a[r, kk]; likewise b.
-      const float* a0 = trans_a ? pa + k0 * da[1] : pa + k0;
-      const float* b0 = trans_b ? pb + k0 : pb + k0 * db[1];
-      Sgemm(trans_a, trans_b, m, n, k1 - k0, 1.0f, a0, da[1], b0, db[1], 0.0f, out, n);
-    });
-    const int64_t rows = (m + threads - 1) / threads;
-    ParallelFor(pool, threads, [&](int64_t p) {
-      const int64_t i0 = std::min(m, p * rows) * n, i1 = std::min(m, (p + 1) * rows) * n;
-      for (const auto& buf : partial) {
-        const float* src = buf.get();
-#pragma omp simd
-        for (int64_t i = i0; i < i1; ++i) pc[i] += src[i];
+  // dx[r0:r1] = sum_i dy_i[r0:r1] w_i^T, accumulated in place.
+  const int64_t parts = RowParts(n, threads), rows = (n + parts - 1) / parts;
+  ParallelFor(pool, parts, [&](int64_t p) {
+    const int64_t r0 = p * rows, r1 = std::min(n, r0 + rows);
+    if (r0 >= r1) return;
+    for (size_t i = 0; i < g; ++i)
+      Sgemm(false, true, r1 - r0, d, w[i].cols, 1.0f, dy[i].data + r0 * w[i].cols, w[i].cols,
+            w[i].data, w[i].cols, i == 0 ? 0.0f : 1.0f, pdx + r0 * d, d);
+  });
+  if (n > d && threads > 1 && n >= 128) {
+    const int64_t kparts = std::min<int64_t>(threads, n / 64), span = (n + kparts - 1) / kparts;
+    // Part 0 writes dw; the others their own partial products, added to dw below.
+    int64_t total = 0;
+    for (const Operand& wi : w) total += wi.rows * wi.cols;
+    std::unique_ptr<float[]> partial(new float[(kparts - 1) * total]);
+    ParallelFor(pool, kparts, [&](int64_t p) {
+      const int64_t k0 = p * span, k1 = std::min(n, k0 + span);  // k0 < k1: kparts <= n / 64
+      float* out = p == 0 ? nullptr : partial.get() + (p - 1) * total;
+      for (size_t i = 0; i < g; ++i) {
+        const int64_t f = w[i].cols;
+        Sgemm(true, false, d, f, k1 - k0, 1.0f, px + k0 * d, d, dy[i].data + k0 * f, f, 0.0f,
+              p == 0 ? dw[i] : out, f);
+        if (p != 0) out += d * f;
       }
     });
-    return ffi::Error::Success();
+    // dw_i += the other parts' products; each thread takes a share of dw_i's rows.
+    const int64_t rparts = threads, drows = (d + rparts - 1) / rparts;
+    ParallelFor(pool, rparts, [&](int64_t p) {
+      int64_t offset = 0;
+      for (size_t i = 0; i < g; ++i) {
+        const int64_t f = w[i].cols, i0 = std::min(d, p * drows) * f,
+                      i1 = std::min(d, (p + 1) * drows) * f;
+        float* dst = dw[i];
+        for (int64_t q = 0; q < kparts - 1; ++q) {
+          const float* src = partial.get() + q * total + offset;
+#pragma omp simd
+          for (int64_t j = i0; j < i1; ++j) dst[j] += src[j];
+        }
+        offset += d * f;
+      }
+    });
+  } else {
+    // dw_i[r0:r1] = x[:, r0:r1]^T dy_i.
+    const int64_t dparts = RowParts(d, threads), drows = (d + dparts - 1) / dparts;
+    ParallelFor(pool, dparts, [&](int64_t p) {
+      const int64_t r0 = p * drows, r1 = std::min(d, r0 + drows);
+      if (r0 >= r1) return;
+      for (size_t i = 0; i < g; ++i)
+        Sgemm(true, false, r1 - r0, w[i].cols, n, 1.0f, px + r0, d, dy[i].data, w[i].cols,
+              0.0f, dw[i] + r0 * w[i].cols, w[i].cols);
+    });
   }
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, m / 64));
-  int64_t rows = (m + parts - 1) / parts;
-  ParallelFor(pool, parts, [=](int64_t p) {
-    int64_t r0 = p * rows, r1 = std::min(m, r0 + rows);
-    if (r0 >= r1) return;
-    // Row r of op(a) is row r of a, or column r of a when transposed.
-    const float* a0 = trans_a ? pa + r0 : pa + r0 * da[1];
-    Sgemm(trans_a, trans_b, r1 - r0, n, k, 1.0f, a0, da[1], pb, db[1], 0.0f, pc + r0 * n, n);
-  });
   return ffi::Error::Success();
 }
 
@@ -400,15 +487,6 @@ ffi::Error LayerNormBwd(ffi::ThreadPool pool, Matrix x, Vector w, Matrix dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()
-                                  .Arg<Matrix>()
-                                  .Ret<Matrix>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
-
 // The attention handlers' signatures; the saved tensor is the log-sum-exp (B, H, L) or the
 // packed probabilities (B, H, PackedProbs).
 static auto AttentionFwdBinding() {
@@ -464,3 +542,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderLayerNormBwd, LayerNormBwd,
                                   .Ret<Vector>()                    // dw
                                   .Ret<Vector>()                    // db
                                   .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmulGroupFwd, MatmulGroupFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()     // x (N, D)
+                                  .RemainingArgs()   // w_0 .. w_{g-1}
+                                  .RemainingRets());  // y_0 .. y_{g-1}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmulGroupBwd, MatmulGroupBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()     // x (N, D)
+                                  .RemainingArgs()   // w_0 .. w_{g-1}, dy_0 .. dy_{g-1}
+                                  .Ret<Matrix>()     // dx
+                                  .RemainingRets());  // dw_0 .. dw_{g-1}

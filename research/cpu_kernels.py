@@ -6,7 +6,10 @@ of the norms takes several passes (see experiments/perf.md). `cpu_kernels.cc`
 holds XLA FFI handlers, most built on MKL's SGEMM (sequential MKL,
 parallelised on XLA's own thread pool):
 
-  ladder_matmul          c = op(a) @ op(b), 2-D, fp32
+  ladder_matmul_group_fwd, ladder_matmul_group_bwd
+                         y_i = x @ w_i for a group of weights (one, or a
+                         layer's q, k, v), 2-D, fp32; the backward gives dx
+                         (summed over the group) and every dw_i in one call
   ladder_attention_fwd   exact causal attention of (B, L, H, K) q, k, v, plus
                          the log-sum-exp of each query row (B, H, L)
   ladder_attention_bwd   dq, dk, dv from the saved log-sum-exp (the (L, L)
@@ -19,11 +22,11 @@ parallelised on XLA's own thread pool):
                          one pass over the rows (the forward stays XLA's)
   ladder_layer_norm_bwd  LayerNorm's, the same with the bias's gradient
 
-`matmul`, `causal_attention`, `rms_norm` and `layer_norm` below wrap them with their
-gradients (`jax.custom_vjp`). The C++ is compiled on first use with the
-machine's C++ compiler (for this CPU: `-march=native`) against jaxlib's FFI
-headers and the MKL of the `mkl` wheel (the
-`cpu` extra), then cached under $LADDER_CACHE/kernels (default
+`matmul_group` (and `matmul`, the group of one), `causal_attention`,
+`rms_norm` and `layer_norm` below wrap them with their gradients
+(`jax.custom_vjp`). The C++ is compiled on first use with the machine's C++
+compiler (for this CPU: `-march=native`) against jaxlib's FFI headers and the
+MKL of the `mkl` wheel (the `cpu` extra), then cached under $LADDER_CACHE/kernels (default
 ~/.cache/ladder). `unavailable()` says why they cannot be used here (no MKL,
 no compiler, not x86-64 Linux), and the model then keeps XLA's kernels.
 
@@ -57,7 +60,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # libmkl_intel_lp64 (32-bit ints) + libmkl_sequential + libmkl_core: MKL without its OpenMP pool.
 MKL_LIBS = ("mkl_intel_lp64", "mkl_sequential", "mkl_core")
 ATTENTION_BLOCK = 64  # query rows per block of the attention kernels
-TARGETS = {"ladder_matmul": "LadderMatmul", "ladder_attention_fwd": "LadderAttentionFwd",
+TARGETS = {"ladder_matmul_group_fwd": "LadderMatmulGroupFwd",
+           "ladder_matmul_group_bwd": "LadderMatmulGroupBwd", "ladder_attention_fwd": "LadderAttentionFwd",
            "ladder_attention_bwd": "LadderAttentionBwd",
            "ladder_attention_fwd_probs": "LadderAttentionFwdProbs",
            "ladder_attention_bwd_probs": "LadderAttentionBwdProbs",
@@ -149,38 +153,49 @@ def _require() -> None:
         raise RuntimeError(reason)
 
 
+def _check_f32(name: str, *arrays) -> None:
+    _require()
+    if any(a.dtype != jnp.float32 for a in arrays):
+        raise TypeError(f"CPU {name} is float32 only, got {', '.join(str(a.dtype) for a in arrays)}")
+
+
 # ------------------------------------------------------------------ matmul
 
-def _mm(a, b, trans_a: bool = False, trans_b: bool = False):
-    m = a.shape[1] if trans_a else a.shape[0]
-    n = b.shape[0] if trans_b else b.shape[1]
-    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
-    return jax.ffi.ffi_call("ladder_matmul", out)(a, b, trans_a=trans_a, trans_b=trans_b)
+def _group_fwd_call(x_NxD, ws):
+    outs = tuple(jax.ShapeDtypeStruct((x_NxD.shape[0], w.shape[1]), jnp.float32) for w in ws)
+    return jax.ffi.ffi_call("ladder_matmul_group_fwd", outs)(x_NxD, *ws)
 
 
 @jax.custom_vjp
-def _matmul(x_NxD, w_DxF):
-    return _mm(x_NxD, w_DxF)
+def _matmul_group(x_NxD, ws):
+    return _group_fwd_call(x_NxD, ws)
 
 
-def _matmul_fwd(x_NxD, w_DxF):
-    return _mm(x_NxD, w_DxF), (x_NxD, w_DxF)
+def _matmul_group_fwd(x_NxD, ws):
+    return _group_fwd_call(x_NxD, ws), (x_NxD, ws)
 
 
-def _matmul_bwd(res, dy_NxF):
-    x_NxD, w_DxF = res
-    return _mm(dy_NxF, w_DxF, trans_b=True), _mm(x_NxD, dy_NxF, trans_a=True)
+def _matmul_group_bwd(res, dys):
+    x_NxD, ws = res
+    outs = (jax.ShapeDtypeStruct(x_NxD.shape, jnp.float32),
+            *(jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in ws))
+    dx_NxD, *dws = jax.ffi.ffi_call("ladder_matmul_group_bwd", outs)(x_NxD, *ws, *dys)
+    return dx_NxD, tuple(dws)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_group.defvjp(_matmul_group_fwd, _matmul_group_bwd)
+
+
+def matmul_group(x_NxD: jax.Array, ws: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """(x @ w for w in ws) for float32 (N, D) x and (D, F_i) ws, with their gradients, in one
+    kernel call forward and one backward (the input gradient summed in place)."""
+    _check_f32("matmul", x_NxD, *ws)
+    return _matmul_group(x_NxD, tuple(ws))
 
 
 def matmul(x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
-    """x @ w for float32 (N, D) @ (D, F) -> (N, F), with its gradient, on MKL."""
-    _require()
-    if x_NxD.dtype != jnp.float32 or w_DxF.dtype != jnp.float32:
-        raise TypeError(f"MKL matmul is float32 only, got {x_NxD.dtype} @ {w_DxF.dtype}")
-    return _matmul(x_NxD, w_DxF)
+    """x @ w for float32 (N, D) @ (D, F) -> (N, F), with its gradient, on MKL: the group of one."""
+    return matmul_group(x_NxD, (w_DxF,))[0]
 
 
 # --------------------------------------------------------------- attention
@@ -297,12 +312,6 @@ def _layer_norm_bwd(eps, res, dy_NxD):
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-def _check_f32(name: str, *arrays) -> None:
-    _require()
-    if any(a.dtype != jnp.float32 for a in arrays):
-        raise TypeError(f"CPU {name} is float32 only, got {', '.join(str(a.dtype) for a in arrays)}")
 
 
 def rms_norm(x_NxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:

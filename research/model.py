@@ -58,6 +58,14 @@ def resolve_matmul(kind: str, dtype) -> str:
     return kind
 
 
+def matmul_group(kind: str, x_NxD: jax.Array, ws: tuple) -> tuple:
+    """(x @ w for w in ws) by `model.matmul`: on mkl one kernel call forward and one
+    backward for the whole group (cpu_kernels.py)."""
+    if resolve_matmul(kind, x_NxD.dtype) == "mkl":
+        return cpu_kernels.matmul_group(x_NxD, ws)
+    return tuple(x_NxD @ w for w in ws)
+
+
 def matmul(kind: str, x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
     """x @ w, (N, D) @ (D, F) -> (N, F), by `model.matmul`: mkl runs MKL's SGEMM
     (cpu_kernels.py), xla is XLA's dot."""
@@ -166,9 +174,9 @@ class Block(nnx.Module):
         B, L, D = x_BxLxD.shape
         H = self.n_heads
         h_NxD = self.attn_norm(x_BxLxD.reshape(B * L, D))
-        q_BxLxHxK = self._mm(h_NxD, self.wq).reshape(B, L, H, -1)
-        k_BxLxHxK = self._mm(h_NxD, self.wk).reshape(B, L, H, -1)
-        v_BxLxHxK = self._mm(h_NxD, self.wv).reshape(B, L, H, -1)
+        ws = tuple(p[...].astype(self.dtype) for p in (self.wq, self.wk, self.wv))
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+            y_NxF.reshape(B, L, H, -1) for y_NxF in matmul_group(self.matmul, h_NxD, ws))
         if rope is not None:
             q_BxLxHxK = apply_rope(q_BxLxHxK, *rope)
             k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)

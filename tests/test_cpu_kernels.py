@@ -48,6 +48,31 @@ def test_matmul_and_its_gradients_match_xla(n, d, f):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+# A group of three widths. The weight gradients split the tokens across threads where there
+# are more tokens than D (300 > 48), else dw's rows (100 < 200); x's gradient sums the group.
+@pytest.mark.parametrize("n, d", [(300, 48), (100, 200)])
+def test_matmul_group_and_its_gradients_match_xla(n, d):
+    fs = (33, d, 5)
+    x = _normal(0, (n, d))
+    ws = tuple(_normal(1 + i, (d, f)) for i, f in enumerate(fs))
+    dys = tuple(_normal(4 + i, (n, f)) for i, f in enumerate(fs))
+
+    def loss(group, x, ws):
+        return sum((y * dy).sum() for y, dy in zip(group(x, ws), dys))
+
+    def xla_group(x, ws):
+        return tuple(x @ w for w in ws)
+
+    mkl = jax.jit(jax.grad(lambda x, ws: loss(cpu_kernels.matmul_group, x, ws), argnums=(0, 1)))
+    ref = jax.jit(jax.grad(lambda x, ws: loss(xla_group, x, ws), argnums=(0, 1)))
+    for y, y_ref in zip(jax.jit(cpu_kernels.matmul_group)(x, ws), xla_group(x, ws)):
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    (dx, dws), (dx_ref, dws_ref) = mkl(x, ws), ref(x, ws)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(dws, dws_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 # L = 100 ends in a partial query block (cpu_kernels.ATTENTION_BLOCK = 64); scale 1/K is muP's.
 # Both backward paths: probabilities saved by the forward, or recomputed from the log-sum-exp.
 @pytest.mark.parametrize("saved", [True, False], ids=["probs", "lse"])
