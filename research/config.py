@@ -50,7 +50,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: str = "none"
     attention: str = "auto"  # auto | xla | cudnn | chunked | mkl (see attention.py)
-    matmul: str = "auto"  # auto | xla | mkl: who runs the 2-D matmuls and RMSNorm's backward (model.py)
+    matmul: str = "auto"  # auto | xla | mkl: who runs the 2-D matmuls and the norm's backward (model.py)
     init_std: float = 0.02
     rope_theta: float = 10000.0
 
