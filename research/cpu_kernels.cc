@@ -101,11 +101,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_
 // ---------------------------------------------------------------- matmul
 //
 // One input against g weights, as a layer's q, k and v projections: y_i = x w_i, and in one
-// backward call dx = sum_i dy_i w_i^T and dw_i = x^T dy_i. One call instead of g (and of 2 g
-// in the backward) leaves XLA's executor nothing to run beside it: three two-thread GEMMs
-// started at once on two cores share them badly. The input gradient is accumulated in
-// place (beta = 1), where g products would need g - 1 adds after them. A single matmul is
-// the group of one.
+// backward call dx = sum_i dy_i w_i^T and dw_i = x^T dy_i. With one call instead of g (and
+// of 2 g in the backward), XLA's executor no longer starts independent GEMMs at once, each
+// on both of two cores; the input gradient is accumulated in place (beta = 1), where g
+// products would need g - 1 adds after them. A single matmul is the group of one.
+// -0.7 to -1.7% of the reference step (experiments/perf.md, item 40).
 
 struct Operand {
   const float* data;

@@ -122,8 +122,8 @@ def test_norms_and_their_gradients_match_xla(kind, n, d):
     grads_mkl, grads_xla = mkl(x, w, b), xla(x, w, b)
     if kind == "rmsnorm":  # b is not an input of RMSNorm: both gradients are zero
         assert not np.any(grads_mkl[2]) and not np.any(grads_xla[2])
-    for a, b_ in zip(grads_mkl, grads_xla):
-        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_mkl, grads_xla):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_probabilities_are_saved_only_where_they_cost_no_more_than_q_k_v_o():
