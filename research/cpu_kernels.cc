@@ -522,26 +522,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionFwdProbs, AttentionFwdProbs, Attent
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwd, AttentionBwd, AttentionBwdBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderAttentionBwdProbs, AttentionBwdProbs, AttentionBwdBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderRmsNormBwd, RmsNormBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()                    // x (N, D)
-                                  .Arg<Vector>()                    // w (D)
-                                  .Arg<Matrix>()                    // dy (N, D)
-                                  .Ret<Matrix>()                    // dx
-                                  .Ret<Vector>()                    // dw
-                                  .Attr<float>("eps"));
+// The norms' backward signatures share x (N, D), w (D), dy (N, D) -> dx, dw; LayerNorm's
+// returns db as well.
+static auto NormBwdBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<Matrix>()   // x
+      .Arg<Vector>()   // w
+      .Arg<Matrix>()   // dy
+      .Ret<Matrix>()   // dx
+      .Ret<Vector>();  // dw
+}
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderRmsNormBwd, RmsNormBwd, NormBwdBinding().Attr<float>("eps"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderLayerNormBwd, LayerNormBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()                    // x (N, D)
-                                  .Arg<Vector>()                    // w (D)
-                                  .Arg<Matrix>()                    // dy (N, D)
-                                  .Ret<Matrix>()                    // dx
-                                  .Ret<Vector>()                    // dw
-                                  .Ret<Vector>()                    // db
-                                  .Attr<float>("eps"));
+                              NormBwdBinding().Ret<Vector>().Attr<float>("eps"));  // + db
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmulGroupFwd, MatmulGroupFwd,
                               ffi::Ffi::Bind()
