@@ -26,8 +26,8 @@ parallelised on XLA's own thread pool):
 `rms_norm` and `layer_norm` below wrap them with their gradients
 (`jax.custom_vjp`). The C++ is compiled on first use with the machine's C++
 compiler (for this CPU: `-march=native`) against jaxlib's FFI headers and the
-MKL of the `mkl` wheel (the `cpu` extra), then cached under $LADDER_CACHE/kernels (default
-~/.cache/ladder). `unavailable()` says why they cannot be used here (no MKL,
+MKL of the `mkl` wheel (the `cpu` extra), then cached under
+$LADDER_CACHE/kernels (default ~/.cache/ladder). `unavailable()` says why they cannot be used here (no MKL,
 no compiler, not x86-64 Linux), and the model then keeps XLA's kernels.
 
 The kernels see whole arrays, so they are only used on a single-device CPU
@@ -61,7 +61,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MKL_LIBS = ("mkl_intel_lp64", "mkl_sequential", "mkl_core")
 ATTENTION_BLOCK = 64  # query rows per block of the attention kernels
 TARGETS = {"ladder_matmul_group_fwd": "LadderMatmulGroupFwd",
-           "ladder_matmul_group_bwd": "LadderMatmulGroupBwd", "ladder_attention_fwd": "LadderAttentionFwd",
+           "ladder_matmul_group_bwd": "LadderMatmulGroupBwd",
+           "ladder_attention_fwd": "LadderAttentionFwd",
            "ladder_attention_bwd": "LadderAttentionBwd",
            "ladder_attention_fwd_probs": "LadderAttentionFwdProbs",
            "ladder_attention_bwd_probs": "LadderAttentionBwdProbs",
