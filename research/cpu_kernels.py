@@ -27,8 +27,9 @@ parallelised on XLA's own thread pool):
 (`jax.custom_vjp`). The C++ is compiled on first use with the machine's C++
 compiler (for this CPU: `-march=native`) against jaxlib's FFI headers and the
 MKL of the `mkl` wheel (the `cpu` extra), then cached under
-$LADDER_CACHE/kernels (default ~/.cache/ladder). `unavailable()` says why they cannot be used here (no MKL,
-no compiler, not x86-64 Linux), and the model then keeps XLA's kernels.
+$LADDER_CACHE/kernels (default ~/.cache/ladder). `unavailable()` says why they
+cannot be used here (no MKL, no compiler, not x86-64 Linux), and the model
+then keeps XLA's kernels.
 
 The kernels see whole arrays, so they are only used on a single-device CPU
 mesh: under a multi-device mesh XLA would gather their operands onto every
