@@ -8,7 +8,9 @@ environment, as they run alone:
 - ours: the reference config of `python -m research.bench` (the CLIs'
   host malloc, research/hostmem.py), plus `--ours` (space-separated
   overrides, e.g. "model.pos=learned model.norm=layernorm" for nanoGPT's
-  positions and norm), compiled and warmed up;
+  positions and norm), compiled and warmed up; its turns run as the train
+  loop does, with `train.keep_awake`'s spinners (`--ours train.keep_awake=off`
+  for none);
 - PyTorch: `experiments/torch_baseline.py`'s nanoGPT step (eager), warmed up.
 They then take turns: each round runs `--steps` timed steps of one, then of
 the other (who goes first alternates), with `--settle` seconds of quiet
@@ -34,6 +36,7 @@ if __name__ == "__main__" and sys.argv[1:3] == ["--serve", "ours"]:  # as the CL
     hostmem.reexec()
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -45,12 +48,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def serve_ours(overrides: list[str]):
-    """(step(i) -> loss, model FLOPs per step, description) for the bench's reference config
-    plus `overrides`."""
+    """(step(i) -> loss, model FLOPs per step, description, context the steps run in) for
+    the bench's reference config plus `overrides`."""
     import jax
 
     from research import config, data, flops, hostmem
     from research import sharding as shd
+    from research import step as steplib
     from research.bench import REFERENCE, compiled_step
 
     try:
@@ -70,35 +74,40 @@ def serve_ours(overrides: list[str]):
 
     seq_len = cfg.data.seq_len
     per_step = cfg.train.batch_size * seq_len * flops.flops_per_token(cfg.model, corpus.vocab_size, seq_len)
-    about = f"jax {jax.__version__}, host malloc {hostmem.status()}, overrides {overrides}"
-    return step, per_step, about
+    about = (f"jax {jax.__version__}, host malloc {hostmem.status()}, keep_awake "
+             f"{steplib.keeps_awake(cfg, mesh)}, overrides {overrides}")
+    return step, per_step, about, lambda: steplib.awake(cfg, mesh)
 
 
 def serve_torch():
-    """(step(i) -> loss, model FLOPs per step, description) for torch_baseline.py's eager step."""
+    """(step(i) -> loss, model FLOPs per step, description, context) for torch_baseline.py's
+    eager step."""
     sys.path.insert(0, str(HERE))
     import torch
     import torch_baseline as tb
 
-    return tb.make_step(), tb.BATCH * tb.SEQ * tb.flops_per_token(), f"torch {torch.__version__}"
+    return (tb.make_step(), tb.BATCH * tb.SEQ * tb.flops_per_token(), f"torch {torch.__version__}",
+            contextlib.nullcontext)
 
 
 def serve(side: str, overrides: list[str]) -> None:
     """Worker: build and warm up, print one JSON line, then for each line N on stdin,
     run N steps timed one by one and print their times and the last loss."""
-    step, per_step, about = serve_ours(overrides) if side == "ours" else serve_torch()
+    step, per_step, about, context = serve_ours(overrides) if side == "ours" else serve_torch()
     done = 0
-    for _ in range(2):  # warm-up (ours has compiled already)
-        step(done)
-        done += 1
+    with context():
+        for _ in range(2):  # warm-up (ours has compiled already)
+            step(done)
+            done += 1
     print(json.dumps({"flops_per_step": per_step, "about": about}), flush=True)
     for line in sys.stdin:
         times, loss = [], None
-        for _ in range(int(line)):
-            t0 = time.perf_counter()
-            loss = step(done)
-            times.append(time.perf_counter() - t0)
-            done += 1
+        with context():  # as the train loop runs (ours: train.keep_awake), only for its turn
+            for _ in range(int(line)):
+                t0 = time.perf_counter()
+                loss = step(done)
+                times.append(time.perf_counter() - t0)
+                done += 1
         print(json.dumps({"times": times, "loss": loss}), flush=True)
 
 

@@ -21,7 +21,9 @@ near 0 the figures are noisy. `page_faults_per_step` counts the host's minor
 page faults per timed step; `host_malloc` says which malloc the process runs
 (hostmem.py: jemalloc, glibc with transparent huge pages, or the system's):
 with glibc's default, XLA:CPU's step buffers are faulted in anew every step,
-4 KiB at a time.
+4 KiB at a time. The steps run as the train loop runs them: on CPU with
+idle-priority spinners keeping the cores awake (`train.keep_awake`, step.py;
+`keep_awake` says whether they ran).
 On accelerators the peak is the datasheet's. Overrides use the same names as
 `research.train`; the defaults are the reference config for a 2-core CPU:
 n_layers=6, n_heads=6, d_model=384, seq_len=256, batch_size=16, vocab 256,
@@ -136,26 +138,27 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
 
     train_step, state, batches, compile_s = compiled_step(cfg, corpus, mesh)
 
-    for i in range(warmup):
-        state, metrics = train_step(state, batches[i % 2])
-    jax.block_until_ready(metrics)
-    pipelined = None
-    if not on_cpu:  # steps queued back to back, as the training loop runs them
-        t0 = time.perf_counter()
-        for i in range(steps):
+    with steplib.awake(cfg, mesh):  # as the train loop runs
+        for i in range(warmup):
             state, metrics = train_step(state, batches[i % 2])
-        jax.block_until_ready((state, metrics))
-        pipelined = (time.perf_counter() - t0) / steps
-    ticks0 = _cpu_ticks()
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = train_step(state, batches[i % 2])
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    ticks1 = _cpu_ticks()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+        pipelined = None
+        if not on_cpu:  # steps queued back to back, as the training loop runs them
+            t0 = time.perf_counter()
+            for i in range(steps):
+                state, metrics = train_step(state, batches[i % 2])
+            jax.block_until_ready((state, metrics))
+            pipelined = (time.perf_counter() - t0) / steps
+        ticks0 = _cpu_ticks()
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            state, metrics = train_step(state, batches[i % 2])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        ticks1 = _cpu_ticks()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     steal = (None if ticks0 is None or ticks1 is None or ticks1[1] == ticks0[1]
              else (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1]))
     if on_cpu:
@@ -193,6 +196,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         "host_malloc": hostmem.status(),
         "compiler_options": steplib.compiler_options(mesh),
         "kernels": steplib.kernels(cfg),
+        "keep_awake": steplib.keeps_awake(cfg, mesh),
         "final_loss": float(metrics["loss"]),
     }
 

@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block")
 ATTENTIONS = ("auto", "xla", "cudnn", "chunked", "mkl")
 MATMULS = ("auto", "xla", "mkl")
+KEEP_AWAKE = ("auto", "on", "off")
 PARAMETERIZATIONS = ("sp", "mup", "completep")
 
 
@@ -98,6 +99,9 @@ class TrainConfig:
     # so that the run spends C model FLOPs (flops.steps_for_budget).
     flops_budget: float | None = None
     stats_every: int = 0  # per-layer activation / update RMS every N steps; 0 = off
+    # Idle-priority spinners keep the CPU cores from halting while training (auto: on a
+    # CPU backend where the CPU kernels load; cpu_kernels.keep_awake).
+    keep_awake: str = "auto"
 
 
 @dataclass
@@ -185,6 +189,7 @@ def validate(cfg: Config) -> None:
     _one_of("optim.name", o.name, OPTIMIZERS)
     _one_of("schedule.name", s.name, SCHEDULES)
     _one_of("data.name", d.name, DATASETS)
+    _one_of("train.keep_awake", t.keep_awake, KEEP_AWAKE)
     for name in ("attention", "matmul"):
         if getattr(m, name) == "mkl" and m.dtype != "float32":
             raise ConfigError(f"model.{name}", "mkl kernels are float32 only, got "

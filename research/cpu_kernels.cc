@@ -21,9 +21,12 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <immintrin.h>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <sched.h>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -552,3 +555,61 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmulGroupBwd, MatmulGroupBwd,
                                   .RemainingArgs()   // w_0 .. w_{g-1}, dy_0 .. dy_{g-1}
                                   .Ret<Matrix>()     // dx
                                   .RemainingRets());  // dw_0 .. dw_{g-1}
+
+// ------------------------------------------------------------ keep awake
+//
+// A VM's idle vCPU halts, and a halted vCPU may lose its physical core to
+// another guest: when the host is busy, waking it again is slow. XLA's pool
+// threads sleep whenever they run out of work, ~90 times each per step of the
+// reference config (PyTorch's OpenMP threads spin instead: once per step). So
+// while a run trains, one spinner per core takes up idle time at SCHED_IDLE
+// priority, which any other thread preempts at once: the vCPU then never goes
+// idle, and a woken pool thread finds its core running (experiments/perf.md,
+// item 42). Spinners are started on first use and park on a condition
+// variable while off.
+
+namespace {
+
+struct Spinners {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::atomic<bool> on{false};
+  int started = 0, idle = 0, failed = 0;  // threads; of them at SCHED_IDLE; refused it
+};
+
+Spinners* TheSpinners() {
+  static Spinners* s = new Spinners;  // never destroyed: its threads run until the process exits
+  return s;
+}
+
+void Spin(Spinners* s) {
+  sched_param param{};
+  bool ok = sched_setscheduler(0, SCHED_IDLE, &param) == 0;  // 0: this thread
+  {
+    std::lock_guard<std::mutex> lock(s->mu);
+    ++(ok ? s->idle : s->failed);
+  }
+  s->cv.notify_all();
+  if (!ok) return;  // a spinner at normal priority would take cores from the work
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(s->mu);
+      s->cv.wait(lock, [s] { return s->on.load(); });
+    }
+    while (s->on.load(std::memory_order_relaxed)) _mm_pause();
+  }
+}
+
+}  // namespace
+
+// Turns the spinners on (threads > 0: at least that many, started as needed) or off (0).
+// Returns how many spin at idle priority; fewer than asked if the system refused SCHED_IDLE.
+extern "C" int LadderKeepAwake(int threads) {
+  Spinners* s = TheSpinners();
+  std::unique_lock<std::mutex> lock(s->mu);
+  s->on.store(threads > 0);
+  for (; s->started < threads; ++s->started) std::thread(Spin, s).detach();
+  s->cv.notify_all();
+  s->cv.wait(lock, [s] { return s->idle + s->failed == s->started; });
+  return s->idle;
+}

@@ -22,6 +22,9 @@ parallelised on XLA's own thread pool):
                          one pass over the rows (the forward stays XLA's)
   ladder_layer_norm_bwd  LayerNorm's, the same with the bias's gradient
 
+and, called through ctypes, `LadderKeepAwake`: idle-priority spinner threads
+that keep the cores from halting while a run trains (`keep_awake` below).
+
 `matmul_group` (and `matmul`, the group of one), `causal_attention`,
 `rms_norm` and `layer_norm` below wrap them with their gradients
 (`jax.custom_vjp`). The C++ is compiled on first use with the machine's C++
@@ -38,6 +41,7 @@ device. `model.matmul` and `model.attention` choose (config.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -49,6 +53,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -140,6 +145,8 @@ def unavailable() -> str | None:
         return f"CPU kernels could not be built: {err}"
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    lib.LadderKeepAwake.argtypes, lib.LadderKeepAwake.restype = [ctypes.c_int], ctypes.c_int
+    _awake["lib"] = lib
     return None
 
 
@@ -147,6 +154,46 @@ def usable(dtype) -> bool:
     """Whether `auto` picks these kernels: float32, one CPU device, kernels available."""
     return (jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
             and jax.devices()[0].platform == "cpu" and unavailable() is None)
+
+
+_awake = {"lib": None, "depth": 0, "lock": threading.Lock()}
+
+
+@contextlib.contextmanager
+def keep_awake(required: bool = True):
+    """Keep every core of this process busy while the block runs: one spinner thread per
+    core, at idle priority (Linux's SCHED_IDLE), which any other thread preempts at once.
+
+    On a VM an idle vCPU halts, and when the host is busy a halted vCPU is slow to wake;
+    XLA's pool threads sleep between ops ~90 times a step each (PyTorch's spin instead),
+    and with spinners their cores no longer halt (experiments/perf.md, item 42). The
+    spinners show as busy cores in `top`; they take only time nothing else wants. Nested
+    uses share them; they stop when the outermost block ends. If the kernels are
+    unavailable or the system refuses SCHED_IDLE: RuntimeError, or with `required=False`
+    a logged warning, and the block runs without spinners."""
+    reason = unavailable()
+    lib, lock = _awake["lib"], _awake["lock"]
+    with lock:
+        if reason is None and _awake["depth"] == 0:
+            threads = len(os.sched_getaffinity(0))
+            if (idle := lib.LadderKeepAwake(threads)) < threads:
+                lib.LadderKeepAwake(0)
+                reason = f"only {idle} of {threads} threads could take SCHED_IDLE priority"
+        if reason is None:
+            _awake["depth"] += 1
+    if reason is not None:
+        if required:
+            raise RuntimeError(f"keep_awake: {reason}")
+        log.warning("keep_awake: running without spinners: %s", reason)
+        yield
+        return
+    try:
+        yield
+    finally:
+        with lock:
+            _awake["depth"] -= 1
+            if _awake["depth"] == 0:
+                lib.LadderKeepAwake(0)
 
 
 def _require() -> None:

@@ -10,6 +10,7 @@ Batches are int32 (B, L + 1): inputs are [:, :-1], targets [:, 1:].
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable
@@ -190,7 +191,8 @@ class Plan:
 def check_kernels(cfg: Config, mesh: Mesh) -> None:
     """ConfigError when `model.matmul` or `model.attention` asks for a kernel that cannot
     run here: the MKL kernels (cpu_kernels.py) where they are not built or the mesh is not
-    one CPU device; cuDNN's attention off an NVIDIA GPU or outside its dtypes and shapes."""
+    one CPU device; cuDNN's attention off an NVIDIA GPU or outside its dtypes and shapes.
+    Also when `train.keep_awake=on` cannot be had: not a CPU backend, or no kernels."""
     if cfg.model.attention == "cudnn":
         reason = attention.cudnn_unsupported(mesh.devices.flat[0].platform, cfg.model.dtype,
                                              d_head(cfg.model))
@@ -205,6 +207,11 @@ def check_kernels(cfg: Config, mesh: Mesh) -> None:
             reason = f"needs a one-device CPU mesh, got {mesh.size} {platform} device(s)"
         if reason is not None:
             raise ConfigError(f"model.{name}", f"mkl: {reason}; use auto or xla")
+    if cfg.train.keep_awake == "on":
+        platform = mesh.devices.flat[0].platform
+        reason = cpu_kernels.unavailable() if platform == "cpu" else f"needs a CPU backend, got {platform}"
+        if reason is not None:
+            raise ConfigError("train.keep_awake", f"on: {reason}; use auto or off")
 
 
 def kernels(cfg: Config) -> dict[str, str]:
@@ -212,6 +219,21 @@ def kernels(cfg: Config) -> dict[str, str]:
     m = cfg.model
     return {"matmul": model.resolve_matmul(m.matmul, m.dtype),
             "attention": attention.resolve(m.attention, m.dtype, d_head(m))}
+
+
+def keeps_awake(cfg: Config, mesh: Mesh) -> bool:
+    """Whether the train loop runs with `cpu_kernels.keep_awake` here (`train.keep_awake`,
+    `auto` resolved: on a CPU backend where the kernels load)."""
+    choice = cfg.train.keep_awake
+    return choice == "on" or (choice == "auto" and mesh.devices.flat[0].platform == "cpu"
+                              and cpu_kernels.unavailable() is None)
+
+
+def awake(cfg: Config, mesh: Mesh):
+    """The context the train loop runs in: the CPU cores kept awake, or nothing to do."""
+    if not keeps_awake(cfg, mesh):
+        return contextlib.nullcontext()
+    return cpu_kernels.keep_awake(required=cfg.train.keep_awake == "on")
 
 
 def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:

@@ -210,7 +210,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         return None
 
     try:
-        with preemption.StopRequest() as stop:
+        with preemption.StopRequest() as stop, steplib.awake(cfg, mesh):
             unchecked = None  # (step, metrics) of the step before, its loss not yet read
             for step in range(start, t.steps):
                 batch = next_batch
@@ -295,6 +295,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "peak_flops": peak,
         "peak_source": peak_source,
         "kernels": steplib.kernels(cfg),
+        "keep_awake": steplib.keeps_awake(cfg, mesh),
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - wall0,
         "devices": len(devices),

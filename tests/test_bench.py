@@ -29,6 +29,7 @@ def test_bench_prints_one_json_line(repo):
         # One CPU device with MKL installed (the cpu extra): auto runs the MKL kernels, and the
         # peak is the faster of XLA's and MKL's matmuls.
         assert result["kernels"] == {"matmul": "mkl", "attention": "mkl"}
+        assert result["keep_awake"] is True  # train.keep_awake=auto on CPU, as the train loop
         assert result["peak_source"].split("(")[1].split(")")[0] in ("mkl", "xla")
     # The CLI restarts itself with jemalloc or huge pages where they help (hostmem.py),
     # and says which.

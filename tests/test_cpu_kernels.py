@@ -1,7 +1,9 @@
 """The MKL CPU kernels (research/cpu_kernels.py) compute what XLA computes, gradients included."""
 
+import os
 import platform
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +152,55 @@ def test_auto_picks_mkl_only_on_a_single_cpu_device():
     # The test process has 8 simulated devices: auto keeps XLA's kernels here.
     assert not cpu_kernels.usable(jnp.float32)
     assert attention.resolve("auto", jnp.float32, 64) == "chunked"
+
+
+def _idle_threads() -> dict[int, tuple[str, int]]:
+    """This process's SCHED_IDLE threads: tid -> (state letter, CPU ticks so far)."""
+    out = {}
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            if os.sched_getscheduler(tid) != os.SCHED_IDLE:
+                continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just exited
+            continue
+        out[tid] = (fields[0], int(fields[11]) + int(fields[12]))  # state; utime + stime
+    return out
+
+
+def _ticks_over(seconds: float) -> dict[int, int]:
+    before = _idle_threads()
+    time.sleep(seconds)
+    return {tid: ticks - before[tid][1] for tid, (_, ticks) in _idle_threads().items() if tid in before}
+
+
+def test_keep_awake_spins_one_idle_priority_thread_per_core_inside_the_block_only():
+    cores = len(os.sched_getaffinity(0))
+    with cpu_kernels.keep_awake():
+        with cpu_kernels.keep_awake():  # nested: the same spinners
+            assert len(_idle_threads()) == cores
+        # The inner block's end leaves them on; they take time (the test sleeps meanwhile).
+        spun = _ticks_over(0.5)
+        assert len(spun) == cores and all(t > 0 for t in spun.values()), spun
+    # Off: parked (state S), no time taken, none started anew on the next use.
+    time.sleep(0.05)
+    parked = _idle_threads()
+    assert len(parked) == cores and {state for state, _ in parked.values()} == {"S"}
+    assert sum(_ticks_over(0.3).values()) <= 1  # a clock tick of rounding
+    with cpu_kernels.keep_awake():
+        assert _idle_threads().keys() == parked.keys()
+
+
+def test_keep_awake_is_checked_before_compile(monkeypatch):
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    with pytest.raises(config.ConfigError, match="train.keep_awake: unknown value 'yes'"):
+        config.parse(compose("train.keep_awake=yes"))
+    on, auto = (config.parse(compose(f"train.keep_awake={k}")) for k in ("on", "auto"))
+    steplib.check_kernels(on, mesh)
+    assert steplib.keeps_awake(on, mesh) and steplib.keeps_awake(auto, mesh)
+    assert not steplib.keeps_awake(config.parse(compose("train.keep_awake=off")), mesh)
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: "MKL not found (...)")
+    with pytest.raises(config.ConfigError, match="train.keep_awake: on: MKL not found"):
+        steplib.check_kernels(on, mesh)
+    assert not steplib.keeps_awake(auto, mesh)  # auto: trains without them

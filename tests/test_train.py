@@ -42,6 +42,7 @@ def test_run_dir_is_complete(cli_run):
     # One CPU device (train_cli's default) with MKL installed: auto runs the MKL kernels.
     if sys.platform == "linux" and platform.machine() == "x86_64":
         assert summary["kernels"] == {"matmul": "mkl", "attention": "mkl"}
+        assert summary["keep_awake"] is True
     assert summary["final_train_loss"] < train_rows[0]["loss"]
     assert summary["flops"] == pytest.approx(summary["flops_per_token"] * summary["tokens"])
     assert (cli_run / "checkpoints" / "20").is_dir()
