@@ -6,8 +6,10 @@ Each argument is one variant: space-separated overrides on top of the bench's
 reference config (`research.bench.REFERENCE`; "" is the default step). All
 variants are compiled first, then their steps alternate, `--rounds` rounds of
 2 steps each, so a machine whose speed drifts (a shared VM) slows every
-variant alike. Prints each variant's median and best step time, model FLOP/s
-and last loss. Runs on one device.
+variant alike. Each variant's turns run as the train loop does, with its own
+`train.keep_awake` (so `"" "train.keep_awake=off"` compares the spinners).
+Prints each variant's median and best step time, model FLOP/s and last loss.
+Runs on one device.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 
 from research import config, data, flops, hostmem
 from research import sharding as shd
+from research import step as steplib
 from research.bench import REFERENCE, compiled_step
 
 
@@ -45,15 +48,16 @@ def main() -> None:
         tokens = cfg.train.batch_size * cfg.data.seq_len
         per_step = tokens * flops.flops_per_token(cfg.model, corpus.vocab_size, cfg.data.seq_len)
         runs[variant] = {"step": step, "state": state, "batch": batches[0], "flops": per_step,
-                         "times": [], "loss": None}
+                         "times": [], "loss": None, "cfg": cfg}
     for _ in range(args.rounds):
         for run in runs.values():
-            for _ in range(2):
-                t0 = time.perf_counter()
-                run["state"], metrics = run["step"](run["state"], run["batch"])
-                jax.block_until_ready(metrics)
-                run["times"].append(time.perf_counter() - t0)
-                run["loss"] = float(metrics["loss"])
+            with steplib.awake(run["cfg"], mesh):  # as the train loop runs (train.keep_awake)
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    run["state"], metrics = run["step"](run["state"], run["batch"])
+                    jax.block_until_ready(metrics)
+                    run["times"].append(time.perf_counter() - t0)
+                    run["loss"] = float(metrics["loss"])
     for variant, run in runs.items():
         med, best = statistics.median(run["times"]), min(run["times"])
         print(f"{variant or '(default)':50s} median {med:.3f} s ({run['flops'] / med / 1e9:.1f} GFLOP/s)"

@@ -5,6 +5,7 @@ the project does not install.)"""
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ def test_our_worker_times_the_steps_it_is_asked_for(repo):
         info = json.loads(proc.stdout.readline())
         # model=xs: 64 wide, 2 layers; 8 x 32 tokens a step.
         assert info["flops_per_step"] > 0 and "model=xs" in info["about"]
+        if sys.platform == "linux" and platform.machine() == "x86_64":  # turns run as training does
+            assert "keep_awake True" in info["about"]
         replies = []
         for steps in (3, 1):
             proc.stdin.write(f"{steps}\n")
