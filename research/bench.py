@@ -13,7 +13,8 @@ account of the compiled step's device memory (`step_memory`).
 
 On CPU the peak is the sustained fp32 matmul rate of the fastest GEMM the
 process has (XLA's dot, and MKL's where the step uses cpu_kernels; `kernels`
-says which kernels the step ran), measured for a few seconds just before and
+says which kernels the step ran; with the cores kept awake where the kernels
+load, as the steps run), measured for a few seconds just before and
 just after the timed steps; the larger of the two is used, so a machine that
 slows down mid-run does not flatter the ratio. `cpu_steal` is the share of
 CPU time the hypervisor took during the timed steps (Linux): when it is not

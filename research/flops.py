@@ -11,6 +11,7 @@ This matches how nanoGPT's MFU counts, so figures compare across codebases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -118,10 +119,14 @@ def measure_matmul_flops(n: int = 1024, dtype: str = "float32", seconds: float =
 
 def cpu_peak(seconds: float = 0.3) -> tuple[float, str]:
     """(sustained fp32 FLOP/s, kernel) of the fastest matmul this process can run on
-    CPU: XLA's dot, or MKL's SGEMM where `cpu_kernels.usable` (the step uses it there)."""
-    rates = {"xla": measure_matmul_flops(seconds=seconds)}
-    if cpu_kernels.usable(jnp.float32):
-        rates["mkl"] = measure_matmul_flops(seconds=seconds, kernel="mkl")
+    CPU: XLA's dot, or MKL's SGEMM where `cpu_kernels.usable` (the step uses it there).
+    Where the kernels load, with the cores kept awake (`cpu_kernels.keep_awake`), as the
+    train loop runs by default: its sleeping threads slow the matmuls too."""
+    awake = cpu_kernels.unavailable() is None
+    with cpu_kernels.keep_awake(required=False) if awake else contextlib.nullcontext():
+        rates = {"xla": measure_matmul_flops(seconds=seconds)}
+        if cpu_kernels.usable(jnp.float32):
+            rates["mkl"] = measure_matmul_flops(seconds=seconds, kernel="mkl")
     kernel = max(rates, key=rates.get)
     return rates[kernel], kernel
 
