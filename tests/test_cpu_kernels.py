@@ -192,7 +192,7 @@ def test_keep_awake_spins_one_idle_priority_thread_per_core_inside_the_block_onl
         assert _idle_threads().keys() == parked.keys()
 
 
-def test_keep_awake_is_checked_before_compile(monkeypatch):
+def test_keep_awake_choices_resolve_and_on_fails_where_it_cannot_run(monkeypatch):
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     with pytest.raises(config.ConfigError, match="train.keep_awake: unknown value 'yes'"):
         config.parse(compose("train.keep_awake=yes"))
