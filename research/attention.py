@@ -1,21 +1,8 @@
-"""Causal self-attention kernels, chosen by `model.attention`.
+"""Causal self-attention in pure JAX: the core's kernels and the interpretation views.
 
 Shapes: q, k, v and the output are (B, L, H, K); see model.py for the letters.
-
-  xla      `jax.nn.dot_product_attention` with XLA's implementation: the (L, L)
-           scores are materialised; runs everywhere.
-  cudnn    the same call with cuDNN's fused (flash) kernel: no (L, L) matrix in
-           memory, softmax and mask fused; NVIDIA GPU, bfloat16 or float16,
-           head dim a multiple of 8 up to 128 (`cudnn_unsupported`).
-  chunked  split the queries into C blocks; block i attends only to keys of
-           blocks <= i. The upper triangle of the score matrix, which the
-           causal mask would throw away, is never computed: about half the
-           attention FLOPs and softmax work for large C. Faster on CPU, where
-           nothing fuses the masked softmax (see experiments/perf.md).
-  mkl      a fused causal kernel on MKL (cpu_kernels.py): no (L, L) matrix in
-           memory, no layout copies; float32, single-device CPU only.
-  auto     mkl where cpu_kernels.usable, else chunked on CPU; cudnn on a GPU
-           where it supports the shapes and dtype, else xla.
+Which kernel a run uses is `model.attention`, resolved by kernels.py, where
+these functions are registered (xla, cudnn, chunked).
 
 Every kernel takes `scale`, the factor on q.k: None means 1/sqrt(K); muP
 (param.py) passes one proportional to 1/K.
@@ -26,9 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from research import cpu_kernels
-
-CHUNK = 64  # query block length for `chunked`; measured best on a 2-core CPU at L = 128..256
+CHUNK = 64  # query block length for `chunked` (docs/performance-log.md: chosen on CPU at L = 128..256)
 
 
 def _scale(k: int, scale: float | None) -> float:
@@ -59,12 +44,16 @@ def cudnn_unsupported(platform: str, dtype, head_dim: int) -> str | None:
 
 
 def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK, scale: float | None = None):
-    """Exact causal attention, computed block by block over the lower triangle."""
+    """Exact causal attention, computed block by block over the lower triangle.
+
+    Query block i attends only to keys of blocks <= i: the upper triangle of the
+    scores, which the causal mask would throw away, is never computed (about half
+    the FLOPs and softmax work for long sequences)."""
     B, L, H, K = q_BxLxHxK.shape
     scale = _scale(K, scale)
     # Head-major once, up front: every block's dots then read contiguous (L, K)
-    # rows per head. Slicing the (B, L, H, K) inputs per block instead made XLA
-    # transpose each key prefix again, ~15% of attention's time on CPU.
+    # rows per head. Slicing the (B, L, H, K) inputs per block instead makes XLA
+    # transpose each key prefix again.
     q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
     outs = []
     for start in range(0, L, chunk):
@@ -77,31 +66,6 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, chunk: int = CHUNK, scale
         p_BxHxCxS = jax.nn.softmax(s_BxHxCxS, axis=-1).astype(v_BxLxHxK.dtype)
         outs.append(jnp.einsum("bhqs,bhsk->bhqk", p_BxHxCxS, v_BxHxSxK))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
-
-
-def resolve(kind: str, dtype, head_dim: int) -> str:
-    """The kernel `model.attention=kind` runs for inputs of `dtype` and `head_dim`:
-    auto becomes mkl, chunked, cudnn or xla."""
-    if kind != "auto":
-        return kind
-    if cpu_kernels.usable(dtype):
-        return "mkl"
-    platform = jax.devices()[0].platform
-    if platform == "cpu":
-        return "chunked"
-    return "xla" if cudnn_unsupported(platform, dtype, head_dim) else "cudnn"
-
-
-def causal_attention(kind: str, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale: float | None = None):
-    """Dispatch on `model.attention` (auto | xla | cudnn | chunked | mkl); `scale` multiplies
-    q.k (None: 1/sqrt(K))."""
-    kind = resolve(kind, q_BxLxHxK.dtype, q_BxLxHxK.shape[-1])
-    if kind == "mkl":
-        scale = _scale(q_BxLxHxK.shape[-1], scale)
-        return cpu_kernels.causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale)
-    if kind == "chunked":
-        return chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale)
-    return xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=scale, implementation=kind)
 
 
 def _causal_scores(q_BxLxHxK, k_BxLxHxK, scale: float | None):

@@ -11,23 +11,20 @@ data.py, and raise the same `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd")
-SCHEDULES = ("cosine", "wsd", "constant", "rsqrt")
-DATASETS = ("stdlib", "tokens", "synthetic")
+# Choices that are part of the model's code. Names with an implementation behind them
+# (optimizers, schedules, corpora, parameterizations, kernels, logger backends) come
+# from their registries instead (`registered_names`).
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block")
-ATTENTIONS = ("auto", "xla", "cudnn", "chunked", "mkl")
-MATMULS = ("auto", "xla", "mkl")
-KEEP_AWAKE = ("auto", "on", "off")
-PARAMETERIZATIONS = ("sp", "mup", "completep")
 
 
 class ConfigError(ValueError):
@@ -50,8 +47,8 @@ class ModelConfig:
     share_layers: int = 0  # distinct blocks reused cyclically over depth; 0 = none
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: str = "none"
-    attention: str = "auto"  # auto | xla | cudnn | chunked | mkl (see attention.py)
-    matmul: str = "auto"  # auto | xla | mkl: who runs the 2-D matmuls and the norm's backward (model.py)
+    attention: str = "auto"  # a name in kernels.ATTENTION, or auto (resolved from the mesh)
+    matmul: str = "auto"  # a name in kernels.MATMUL (the 2-D matmuls and the norms), or auto
     init_std: float = 0.02
     rope_theta: float = 10000.0
 
@@ -99,9 +96,13 @@ class TrainConfig:
     # so that the run spends C model FLOPs (flops.steps_for_budget).
     flops_budget: float | None = None
     stats_every: int = 0  # per-layer activation / update RMS every N steps; 0 = off
-    # Idle-priority spinners keep the CPU cores from halting while training (auto: on a
-    # CPU backend where the CPU kernels load; cpu_kernels.keep_awake).
-    keep_awake: str = "auto"
+
+
+@dataclass
+class ProfileConfig:
+    # A jax.profiler trace of steps [start_step, start_step + num_steps) under <run_dir>/profile/.
+    start_step: int = 3  # 0-based index of the first traced step (after the first steps' warm-up)
+    num_steps: int = 0  # 0 = off
 
 
 @dataclass
@@ -143,6 +144,25 @@ class ParamConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases run fields (logging.backends contains wandb); see loggers.py."""
+
+    project: str = "ladder"
+    entity: str | None = None  # team or user; None = your W&B default
+    name: str | None = None  # run name; None = the run dir's name
+    group: str | None = None  # None = the sweep dir's name in a multirun, else no group
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None  # online | offline | disabled; None = $WANDB_MODE, else online
+
+
+@dataclass
+class LoggingConfig:
+    # metrics.jsonl and summary.json are always written; these backends get the same rows.
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,6 +173,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     param: ParamConfig = field(default_factory=ParamConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # Optional packages that add kernels, loop hooks and compiler options (plugins.py),
+    # by entry-point name (e.g. cpu) or module path; their settings under plugin_options.NAME.
+    plugins: list[str] = field(default_factory=list)
+    plugin_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _typed(raw: DictConfig | dict) -> Config:
@@ -184,16 +210,16 @@ def validate(cfg: Config) -> None:
     _one_of("model.pos", m.pos, POSITIONS)
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.remat", m.remat, REMATS)
-    _one_of("model.attention", m.attention, ATTENTIONS)
-    _one_of("model.matmul", m.matmul, MATMULS)
-    _one_of("optim.name", o.name, OPTIMIZERS)
-    _one_of("schedule.name", s.name, SCHEDULES)
-    _one_of("data.name", d.name, DATASETS)
-    _one_of("train.keep_awake", t.keep_awake, KEEP_AWAKE)
-    for name in ("attention", "matmul"):
-        if getattr(m, name) == "mkl" and m.dtype != "float32":
-            raise ConfigError(f"model.{name}", "mkl kernels are float32 only, got "
-                              f"model.dtype={m.dtype} (use auto or xla)")
+    names = registered_names(cfg.plugins, cfg.plugin_options)
+    _one_of("model.attention", m.attention, ("auto", *names["attention"]))
+    _one_of("model.matmul", m.matmul, ("auto", *names["matmul"]))
+    _one_of("optim.name", o.name, names["optimizer"])
+    _one_of("schedule.name", s.name, names["schedule"])
+    _one_of("data.name", d.name, names["dataset"])
+    _one_of("param.name", cfg.param.name, names["param"])
+    from research import loggers  # noqa: PLC0415 (imports jax: not at config import time)
+
+    loggers.check_backends(cfg.logging)
     for name in ("d_model", "n_layers", "n_heads"):
         _positive(f"model.{name}", getattr(m, name))
     if m.d_model % m.n_heads:
@@ -249,6 +275,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     if t.flops_budget is not None:
         _positive("train.flops_budget", t.flops_budget)
+    _positive("profile.start_step", cfg.profile.start_step, zero_ok=True)
+    _positive("profile.num_steps", cfg.profile.num_steps, zero_ok=True)
+    if cfg.profile.num_steps and cfg.profile.start_step + cfg.profile.num_steps > t.steps \
+            and t.flops_budget is None:
+        raise ConfigError("profile.num_steps", f"steps {cfg.profile.start_step}.."
+                          f"{cfg.profile.start_step + cfg.profile.num_steps - 1} reach past train.steps={t.steps}")
     _validate_distributed(cfg.distributed)
     _validate_param(cfg.param, m)
     _positive("checkpoint.every", cfg.checkpoint.every, zero_ok=True)
@@ -273,8 +305,9 @@ def _validate_distributed(dist: DistributedConfig) -> None:
         raise ConfigError("distributed.process_id",
                           f"must be in 0..{dist.num_processes - 1} (distributed.num_processes="
                           f"{dist.num_processes}), got {dist.process_id}")
+
+
 def _validate_param(p: ParamConfig, m: ModelConfig) -> None:
-    _one_of("param.name", p.name, PARAMETERIZATIONS)
     _positive("param.base_width", p.base_width)
     _positive("param.base_depth", p.base_depth)
     if p.base_head_dim is not None:
@@ -285,6 +318,19 @@ def _validate_param(p: ParamConfig, m: ModelConfig) -> None:
     # Dey et al. (2025) study alpha in [0.5, 1]: 0.5 is depth-muP, 1 is CompleteP.
     if not 0.5 <= p.alpha <= 1:
         raise ConfigError("param.alpha", f"must be in [0.5, 1], got {p.alpha}")
+
+
+def registered_names(plugins: list[str] = (), plugin_options: dict | None = None) -> dict[str, tuple]:
+    """{kind: names a config may use}: the registries of the core and of `plugins` (loaded
+    here, their options validated: ConfigError naming `plugins` or `plugin_options`)."""
+    # The registries live beside their implementations, which import this module.
+    from research import data, kernels, optim, param, plugins as plugin_seam  # noqa: PLC0415
+
+    sources = plugin_seam.sources(list(plugins))
+    plugin_seam.load_all(list(plugins), dict(plugin_options or {}))
+    return {"attention": kernels.ATTENTION.names(sources), "matmul": kernels.MATMUL.names(sources),
+            "optimizer": optim.OPTIMIZERS.names(), "schedule": optim.SCHEDULES.names(),
+            "dataset": data.DATASETS.names(), "param": param.PARAMETERIZATIONS.names()}
 
 
 def parse(raw: DictConfig | dict) -> Config:

@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from research.registry import Registry
 from research.config import ConfigError, DataConfig
 
 TRAIN, VAL = 0, 1
@@ -65,6 +66,10 @@ def _default_cache() -> Path:
     return Path(os.environ.get("LADDER_CACHE", Path.home() / ".cache" / "ladder"))
 
 
+DATASETS = Registry("dataset")  # name -> DataConfig -> Corpus
+
+
+@DATASETS.register("stdlib")
 def load_stdlib(cfg: DataConfig) -> Corpus:
     root, files = _stdlib_files()
     parts: dict[int, list[bytes]] = {TRAIN: [], VAL: []}
@@ -103,7 +108,9 @@ def load_stdlib(cfg: DataConfig) -> Corpus:
 # ---------------------------------------------------------------- tokens
 
 
+@DATASETS.register("tokens")
 def load_tokens(cfg: DataConfig) -> Corpus:
+    """Your own tokens: nanoGPT-style train.bin and val.bin (uint16) in data.path."""
     root = Path(cfg.path)
     arrays = {}
     for name in ("train", "val"):
@@ -118,6 +125,7 @@ def load_tokens(cfg: DataConfig) -> Corpus:
 # ---------------------------------------------------------------- synthetic
 
 
+@DATASETS.register("synthetic")
 def load_synthetic(cfg: DataConfig) -> Corpus:
     """A stream of phrases drawn from a fixed random phrasebook.
 
@@ -138,12 +146,9 @@ def load_synthetic(cfg: DataConfig) -> Corpus:
     return Corpus("synthetic", stream(n, 1), stream(max(n // 10, 4096), 2), vocab, info)
 
 
-LOADERS = {"stdlib": load_stdlib, "tokens": load_tokens, "synthetic": load_synthetic}
-
-
 def load(cfg: DataConfig) -> Corpus:
     """Load the corpus named by `data.name` and check `data.seq_len` fits both splits."""
-    corpus = LOADERS[cfg.name](cfg)
+    corpus = DATASETS.get(cfg.name).impl(cfg)
     for which, name in ((TRAIN, "train"), (VAL, "val")):
         n = len(corpus.split(which))
         if n < cfg.seq_len + 2:

@@ -11,7 +11,6 @@ This matches how nanoGPT's MFU counts, so figures compare across codebases.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import re
@@ -21,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research import cpu_kernels, step
 from research.config import Config, ConfigError, ModelConfig, d_ff, d_head
 
 # Dense bf16 peak FLOP/s per device, from vendor datasheets (no sparsity).
@@ -93,58 +91,60 @@ def apply_flops_budget(cfg: Config, vocab_size: int) -> Config:
 
 
 def measure_matmul_flops(n: int = 1024, dtype: str = "float32", seconds: float = 0.3,
-                         kernel: str = "xla") -> float:
-    """Sustained FLOP/s of n x n x n matmuls on the default device, by XLA's dot
-    (compiled as the train step is, with its CPU options) or (kernel="mkl",
-    float32) MKL's SGEMM through cpu_kernels.
+                         matmul=None, compiler_options: dict | None = None) -> float:
+    """Sustained FLOP/s of n x n x n matmuls on the default device: `matmul(x, y)` (default
+    XLA's dot), jitted with `compiler_options` as the train step is.
 
     The median over back-to-back matmuls for `seconds`, not the best one: on a
-    shared or turbo-boosting CPU single matmuls burst 20-30% above what the
-    cores hold for a whole train step (experiments/perf.md).
+    shared or turbo-boosting CPU single matmuls burst well above what the cores
+    hold for a whole train step (docs/performance-log.md).
     """
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
-    fn = cpu_kernels.matmul if kernel == "mkl" else (lambda x, y: x @ y)
-    options = step.cpu_compiler_options() if a.devices().pop().platform == "cpu" else None
-    matmul = jax.jit(fn).lower(a, b).compile(compiler_options=options)
-    matmul(a, b).block_until_ready()
+    fn = matmul or (lambda x, y: x @ y)
+    compiled = jax.jit(fn).lower(a, b).compile(compiler_options=compiler_options)
+    compiled(a, b).block_until_ready()
     times = []
     start = time.perf_counter()
     while len(times) < 5 or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
+        compiled(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2.0 * n**3 / float(np.median(times))
 
 
-def cpu_peak(seconds: float = 0.3) -> tuple[float, str]:
-    """(sustained fp32 FLOP/s, kernel) of the fastest matmul this process can run on
-    CPU: XLA's dot, or MKL's SGEMM where `cpu_kernels.usable` (the step uses it there).
-    Where the kernels load, with the cores kept awake (`cpu_kernels.keep_awake`), as the
-    train loop runs by default: its sleeping threads slow the matmuls too."""
-    awake = cpu_kernels.unavailable() is None
-    with cpu_kernels.keep_awake(required=False) if awake else contextlib.nullcontext():
-        rates = {"xla": measure_matmul_flops(seconds=seconds)}
-        if cpu_kernels.usable(jnp.float32):
-            rates["mkl"] = measure_matmul_flops(seconds=seconds, kernel="mkl")
+def cpu_peak(seconds: float = 0.3, kernels: dict | None = None,
+             compiler_options: dict | None = None) -> tuple[float, str]:
+    """(sustained fp32 FLOP/s, kernel name) of the faster of XLA's dot and the matmul
+    kernels in `kernels` ({name: fn(x, y)}, e.g. the one a plugin gave the step): the
+    step's matmuls run on the fastest GEMM it has, so MFU divides by that one's rate."""
+    rates = {"xla": measure_matmul_flops(seconds=seconds, compiler_options=compiler_options)}
+    for name, fn in (kernels or {}).items():
+        if name != "xla":
+            rates[name] = measure_matmul_flops(seconds=seconds, matmul=fn, compiler_options=compiler_options)
     kernel = max(rates, key=rates.get)
     return rates[kernel], kernel
 
 
-def peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure came from)."""
+def peak_flops(device: jax.Device | None = None, kernels: dict | None = None,
+               compiler_options: dict | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure came from): the datasheet's where
+    PEAK_FLOPS knows the device, else measured (`cpu_peak` on CPU, with the step's
+    matmul `kernels` and `compiler_options`), once per process and choice."""
     device = device or jax.devices()[0]
     kind = getattr(device, "device_kind", "")
     for name, flops in PEAK_FLOPS.items():
         if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", kind, re.IGNORECASE):
             return flops, f"table:{name}"
-    return _measured_peak(device.platform)
+    return _measured_peak(device.platform, tuple(sorted((kernels or {}).items())),
+                          tuple(sorted((compiler_options or {}).items())))
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_peak(platform: str) -> tuple[float, str]:
+def _measured_peak(platform: str, kernels: tuple, compiler_options: tuple) -> tuple[float, str]:
     # Once per process: every run's MFU divides by the same figure.
+    options = dict(compiler_options) or None
     if platform == "cpu":
-        rate, kernel = cpu_peak()
+        rate, kernel = cpu_peak(kernels=dict(kernels), compiler_options=options)
         return rate, f"measured:cpu fp32 1024^3 matmul ({kernel})"
-    return measure_matmul_flops(), f"measured:{platform} fp32 1024^3 matmul"
+    return measure_matmul_flops(compiler_options=options), f"measured:{platform} fp32 1024^3 matmul"

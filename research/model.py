@@ -7,8 +7,10 @@ Tensor names carry their shapes. Single-letter dimensions:
   F  MLP hidden width           V  vocabulary size
 
 Matmuls are written on 2-D operands (N, D) @ (D, F): XLA's CPU dots are much
-faster that way than on 3-D (B, L, D) operands, and GPUs do not mind. On a
-single-device CPU they run on MKL where it is installed (`matmul` below).
+faster that way than on 3-D (B, L, D) operands, and GPUs do not mind. Who runs
+them, and attention, is a kernel name (`model.matmul`, `model.attention`)
+looked up in kernels.py's registries; `auto` is resolved before the model is
+built (`build`), so the model holds concrete names.
 
 Every weight carries `axes`, its logical dimension names ('vocab', 'embed',
 'heads', 'mlp'); sharding.py maps those names onto mesh axes, so data, FSDP
@@ -30,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research import cpu_kernels, param
-from research.attention import attention_probs, causal_attention, mean_abs_logits
+from research import kernels, param
+from research.attention import attention_probs, mean_abs_logits
 from research.config import ModelConfig, ParamConfig, d_ff, d_head
 
 # constrain(x, kind) pins a sharding: kind "act" for the (B, L, D) residual
@@ -50,30 +52,6 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float) -> n
     return nnx.Param(value, axes=axes)
 
 
-def resolve_matmul(kind: str, dtype) -> str:
-    """The kernel `model.matmul=kind` runs for `dtype`: auto is mkl where
-    `cpu_kernels.usable`, else xla."""
-    if kind == "auto":
-        return "mkl" if cpu_kernels.usable(dtype) else "xla"
-    return kind
-
-
-def matmul_group(kind: str, x_NxD: jax.Array, ws: tuple) -> tuple:
-    """(x @ w for w in ws) by `model.matmul`: on mkl one kernel call forward and one
-    backward for the whole group (cpu_kernels.py)."""
-    if resolve_matmul(kind, x_NxD.dtype) == "mkl":
-        return cpu_kernels.matmul_group(x_NxD, ws)
-    return tuple(x_NxD @ w for w in ws)
-
-
-def matmul(kind: str, x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
-    """x @ w, (N, D) @ (D, F) -> (N, F), by `model.matmul`: mkl runs MKL's SGEMM
-    (cpu_kernels.py), xla is XLA's dot."""
-    if resolve_matmul(kind, x_NxD.dtype) == "mkl":
-        return cpu_kernels.matmul(x_NxD, w_DxF)
-    return x_NxD @ w_DxF
-
-
 NORM_EPS = 1e-6
 _GELU_C = float(np.sqrt(2.0 / np.pi))
 
@@ -83,8 +61,8 @@ def gelu(h: jax.Array) -> jax.Array:
     """`jax.nn.gelu` (the tanh approximation), whose backward recomputes the tanh from the
     input instead of saving it. Autodiff saved tanh(.) for the backward and the forward
     became two passes over the (N, F) hidden activations; here the forward is one and the
-    backward one: 5 reads and writes of (N, F) instead of 8 (-1.5% of the reference CPU
-    step, experiments/perf.md item 32). The forward is bitwise `jax.nn.gelu`'s."""
+    backward one: 5 reads and writes of (N, F) instead of 8 (docs/performance-log.md,
+    item 32). The forward is bitwise `jax.nn.gelu`'s."""
     return jax.nn.gelu(h, approximate=True)
 
 
@@ -104,8 +82,8 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Norm(nnx.Module):
-    """RMSNorm or LayerNorm over the last dim; statistics in float32. Where the matmuls run
-    on the CPU kernels (`model.matmul` resolves to mkl), so does the norm's backward."""
+    """RMSNorm or LayerNorm over the last dim; statistics in float32. A matmul kernel
+    that brings its own norm (kernels.MatmulKernel.norm) runs it instead."""
 
     def __init__(self, dim: int, kind: str, matmul: str = "xla"):
         self.kind, self.matmul = kind, matmul
@@ -114,17 +92,17 @@ class Norm(nnx.Module):
             self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=(None,))
 
     def __call__(self, x_NxD: jax.Array) -> jax.Array:
-        if resolve_matmul(self.matmul, x_NxD.dtype) == "mkl":
-            if self.kind == "layernorm":
-                return cpu_kernels.layer_norm(x_NxD, self.scale[...], self.bias[...], NORM_EPS)
-            return cpu_kernels.rms_norm(x_NxD, self.scale[...], NORM_EPS)
+        bias_D = self.bias[...] if self.kind == "layernorm" else None
+        fused = kernels.matmul(self.matmul).norm
+        if fused is not None:
+            return fused(x_NxD, self.scale[...], bias_D, NORM_EPS)
         x = x_NxD.astype(jnp.float32)
-        if self.kind == "layernorm":
+        if bias_D is not None:
             x = x - x.mean(-1, keepdims=True)
         x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS)
         x = x * self.scale[...]
-        if self.kind == "layernorm":
-            x = x + self.bias[...]
+        if bias_D is not None:
+            x = x + bias_D
         return x.astype(x_NxD.dtype)
 
 
@@ -133,8 +111,7 @@ def rope_tables(length: int, k: int, theta: float) -> tuple[np.ndarray, np.ndarr
 
     Computed with NumPy on purpose, so they enter a jitted step as constants:
     built from jnp ops inside the step, XLA fuses the cos/sin into every
-    consumer and recomputes them per element of q and k, ~10% of a CPU step
-    (experiments/perf.md).
+    consumer and recomputes them per element of q and k (docs/performance-log.md).
     """
     inv_freq_K2 = theta ** (-np.arange(0, k, 2, dtype=np.float32) / k)
     angles_LxK2 = np.arange(length, dtype=np.float32)[:, None] * inv_freq_K2[None, :]
@@ -168,7 +145,7 @@ class Block(nnx.Module):
         self.w_out = _param(rngs, (F, D), ("mlp", "embed"), out_std)
 
     def _mm(self, x_NxD: jax.Array, p: nnx.Param) -> jax.Array:
-        return matmul(self.matmul, x_NxD, p[...].astype(self.dtype))
+        return kernels.matmul(self.matmul)(x_NxD, p[...].astype(self.dtype))
 
     def _qkv(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         B, L, D = x_BxLxD.shape
@@ -176,7 +153,7 @@ class Block(nnx.Module):
         h_NxD = self.attn_norm(x_BxLxD.reshape(B * L, D))
         ws = tuple(p[...].astype(self.dtype) for p in (self.wq, self.wk, self.wv))
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-            y_NxF.reshape(B, L, H, -1) for y_NxF in matmul_group(self.matmul, h_NxD, ws))
+            y_NxF.reshape(B, L, H, -1) for y_NxF in kernels.matmul(self.matmul).group(h_NxD, ws))
         if rope is not None:
             q_BxLxHxK = apply_rope(q_BxLxHxK, *rope)
             k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)
@@ -202,7 +179,8 @@ class Block(nnx.Module):
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, rope)
         if taps is not None:
             taps[f"{name}.attn_logits"] = mean_abs_logits(q_BxLxHxK, k_BxLxHxK, self.attn_scale)
-        o_BxLxHxK = causal_attention(self.attention, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.attn_scale)
+        o_BxLxHxK = kernels.attention(self.attention)(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                                                      scale=self.attn_scale)
         return self._rest(x_BxLxD, o_BxLxHxK, taps, name)
 
     def inspect(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array]:
@@ -235,6 +213,10 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int, rngs: nnx.Rngs,
                  mult: param.Multipliers | None = None):
+        """`cfg.attention` and `cfg.matmul` name registered kernels; `auto` (left there by
+        a caller that did not resolve it) becomes the core's choice for the default device."""
+        if "auto" in (cfg.attention, cfg.matmul):
+            cfg = kernels.resolved(cfg)
         D, V = cfg.d_model, vocab_size
         mult = mult or param.multipliers(cfg, ParamConfig())
         self.cfg, self.dtype, self.logit_mult = cfg, jnp.dtype(cfg.dtype), mult.logits
@@ -271,7 +253,7 @@ class Transformer(nnx.Module):
             w_DxV = self.embed[...].astype(self.dtype).T
         else:
             w_DxV = self.unembed[...].astype(self.dtype)
-        logits_NxV = matmul(self.cfg.matmul, h_NxD, w_DxV)
+        logits_NxV = kernels.matmul(self.cfg.matmul)(h_NxD, w_DxV)
         return logits_NxV.astype(jnp.float32).reshape(B, L, -1)
 
     def __call__(self, tokens_BxL: jax.Array, constrain: Constrain | None = None,
@@ -323,6 +305,7 @@ class Transformer(nnx.Module):
 
 def build(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int,
           p: ParamConfig | None = None) -> Transformer:
-    """A concrete model with freshly initialised params (single device), parameterized by `p` (default sp)."""
+    """A concrete model with freshly initialised params (single device), parameterized by `p`
+    (default sp). Resolve `cfg`'s kernels first (kernels.resolved) for a mesh of your own."""
     mult = param.multipliers(cfg, p or ParamConfig())
     return Transformer(cfg, vocab_size, max_len, nnx.Rngs(params=seed), mult)

@@ -24,6 +24,7 @@ import optax
 
 from research.config import OptimConfig, ScheduleConfig
 from research.param import OptimScales
+from research.registry import Registry
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -32,34 +33,51 @@ def _warmup(step: jax.Array, warmup: int) -> jax.Array:
     return jnp.minimum(1.0, (step + 1) / max(warmup, 1)) if warmup else jnp.ones_like(step, jnp.float32)
 
 
-def make_schedule(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
-    """step -> learning rate. Linear warmup over `s.warmup` steps, then:
+SCHEDULES = Registry("schedule")  # name -> (ScheduleConfig, lr, steps) -> (step -> lr), before warmup
 
-    cosine    half-cosine from lr to lr*min_lr_ratio at the last step;
-    wsd       warmup-stable-decay: constant, then a linear decay to
-              lr*min_lr_ratio over the last decay_frac of the steps;
-    constant  lr;
-    rsqrt     lr * sqrt(warmup / step) after warmup.
-    """
+
+@SCHEDULES.register("cosine")
+def _cosine(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
+    """Half-cosine from lr to lr * min_lr_ratio at the last step."""
     floor = lr * s.min_lr_ratio
 
     def cosine(step):
         t = jnp.clip((step - s.warmup) / max(steps - 1 - s.warmup, 1), 0.0, 1.0)
         return floor + (lr - floor) * 0.5 * (1 + jnp.cos(jnp.pi * t))
 
+    return cosine
+
+
+@SCHEDULES.register("wsd")
+def _wsd(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
+    """Warmup-stable-decay: constant, then linear to lr * min_lr_ratio over the last decay_frac of the steps."""
+    floor = lr * s.min_lr_ratio
+    decay_steps = max(int(round(steps * s.decay_frac)), 1)
+
     def wsd(step):
-        decay_steps = max(int(round(steps * s.decay_frac)), 1)
         # Reaches the floor at the last step run, steps - 1.
         t = jnp.clip((step - (steps - decay_steps)) / max(decay_steps - 1, 1), 0.0, 1.0)
         return lr - (lr - floor) * t
 
-    def constant(step):
-        return jnp.full_like(step, lr, jnp.float32)
+    return wsd
 
-    def rsqrt(step):
-        return lr * jnp.sqrt(max(s.warmup, 1) / jnp.maximum(step + 1, max(s.warmup, 1)))
 
-    body = {"cosine": cosine, "wsd": wsd, "constant": constant, "rsqrt": rsqrt}[s.name]
+@SCHEDULES.register("constant")
+def _constant(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
+    """lr throughout (after warmup)."""
+    return lambda step: jnp.full_like(step, lr, jnp.float32)
+
+
+@SCHEDULES.register("rsqrt")
+def _rsqrt(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
+    """lr * sqrt(warmup / step) after warmup."""
+    return lambda step: lr * jnp.sqrt(max(s.warmup, 1) / jnp.maximum(step + 1, max(s.warmup, 1)))
+
+
+def make_schedule(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
+    """step -> learning rate: linear warmup over `s.warmup` steps, times the schedule
+    registered as `s.name` in SCHEDULES."""
+    body = SCHEDULES.get(s.name).impl(s, lr, steps)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -76,22 +94,53 @@ def decay_mask(params):
 # Each optimizer's direction: the transforms before weight decay and the lr
 # (optax.adamw and optax.lion are exactly these chained with
 # add_decayed_weights and scale_by_learning_rate, so the state is the same).
+@dataclasses.dataclass(frozen=True)
+class Direction:
+    """An optimizer's direction: OptimConfig -> Optax transforms, and its muP family
+    ("adaptive": Adam-like, sign or RMS-normalised updates; "sgd"), which picks
+    param.py's lr rules."""
+
+    transforms: Callable[[OptimConfig], list[optax.GradientTransformation]]
+    family: str = "adaptive"
+
+    def __call__(self, o: OptimConfig) -> list[optax.GradientTransformation]:
+        return self.transforms(o)
+
+
+OPTIMIZERS = Registry("optimizer")  # name -> Direction
+
+
+def _direction(name: str, family: str = "adaptive"):
+    def register(fn):
+        OPTIMIZERS.register(name, Direction(fn, family), doc=fn.__doc__.strip().splitlines()[0])
+        return fn
+    return register
+
+
+@_direction("adamw")
 def _adamw(o: OptimConfig) -> list[optax.GradientTransformation]:
+    """Adam with decoupled weight decay (Loshchilov and Hutter 2019)."""
     return [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)]
 
 
+@_direction("lion")
 def _lion(o: OptimConfig) -> list[optax.GradientTransformation]:
+    """Lion (Chen et al. 2023): sign updates."""
     return [optax.scale_by_lion(b1=o.b1, b2=o.b2)]
 
 
+@_direction("adafactor")
 def _adafactor(o: OptimConfig) -> list[optax.GradientTransformation]:
+    """Adafactor (Shazeer and Stern 2018): factored second moments; b1 > 0 adds momentum."""
     # Optax's adafactor adds weight decay after the lr scaling (so it would
     # ignore lr and schedule); the chain here puts decay before it.
     return [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
             *([optax.ema(o.b1, debias=False)] if o.b1 else [])]
 
 
+@_direction("sgd", family="sgd")
 def _sgd(o: OptimConfig) -> list[optax.GradientTransformation]:
+    """SGD with momentum b1 (0 = plain SGD)."""
     # Decay after momentum, so it is decoupled (not amplified by 1 / (1 - b1)).
     return [optax.trace(decay=o.b1)] if o.b1 else []
 
@@ -116,9 +165,6 @@ def scale_and_decay(lr_scales, decay_scales, weight_decay: float) -> optax.Gradi
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-OPTIMIZERS = {"adamw": _adamw, "lion": _lion, "adafactor": _adafactor, "sgd": _sgd}
-
-
 def make_optimizer(o: OptimConfig, schedule: Schedule,
                    scales: OptimScales | None = None) -> optax.GradientTransformation:
     """Clip (global norm) -> the named optimizer with masked, decoupled weight decay.
@@ -131,7 +177,7 @@ def make_optimizer(o: OptimConfig, schedule: Schedule,
     else:
         o = dataclasses.replace(o, eps=o.eps * scales.eps)
         decay = scale_and_decay(scales.lr, scales.decay, o.weight_decay)
-    core = optax.chain(*OPTIMIZERS[o.name](o), decay, optax.scale_by_learning_rate(schedule))
+    core = optax.chain(*OPTIMIZERS.get(o.name).impl(o), decay, optax.scale_by_learning_rate(schedule))
     if o.clip > 0:
         return optax.chain(optax.clip_by_global_norm(o.clip), core)
     return core

@@ -53,6 +53,7 @@ from typing import Any
 import jax
 
 from research.config import Config, ModelConfig, ParamConfig, d_head
+from research.registry import Registry
 
 ROLES = ("hidden", "block_vector", "embedding", "readout", "vector")
 IN_BLOCK = ("hidden", "block_vector")
@@ -61,7 +62,6 @@ WIDTH_LR_EXPONENT = {
     "adaptive": {"hidden": -1, "block_vector": 0, "embedding": 0, "readout": 0, "vector": 0},
     "sgd": {"hidden": 0, "block_vector": 1, "embedding": 1, "readout": 1, "vector": 1},
 }
-FAMILY = {"adamw": "adaptive", "lion": "adaptive", "adafactor": "adaptive", "sgd": "sgd"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +96,40 @@ def base_head_dim(m: ModelConfig, p: ParamConfig) -> int:
     return p.base_head_dim or p.base_width // m.n_heads
 
 
-def multipliers(m: ModelConfig, p: ParamConfig) -> Multipliers:
-    """Init stds and forward multipliers of `m` under parameterization `p`."""
+PARAMETERIZATIONS = Registry("parameterization")  # name -> (ModelConfig, ParamConfig) -> Multipliers
+
+
+@PARAMETERIZATIONS.register("sp")
+def _sp(m: ModelConfig, p: ParamConfig) -> Multipliers:
+    """Standard parameterization: init, lr and multipliers do not change with size."""
     sp_out_std = m.init_std / math.sqrt(2 * m.n_layers)  # GPT-2's depth-scaled output init
-    if p.name == "sp":
-        return Multipliers(m.init_std, sp_out_std, 1.0, 1.0, None)
+    return Multipliers(m.init_std, sp_out_std, 1.0, 1.0, None)
+
+
+def _width_rules(m: ModelConfig, p: ParamConfig, out_std: float, residual: float) -> Multipliers:
     m_n = width_mult(m, p)
     fan_in = math.sqrt(1.0 / m_n)  # init variance ~ 1 / fan_in, equal to sp's at base width
     k, k_base = d_head(m), base_head_dim(m, p)
     attn_scale = k_base**-0.5 * (k_base / k)  # ~ 1/K, and 1/sqrt(K) at base width
-    if p.name == "completep":
-        # Depth enters through the branch multiplier, so the init no longer does.
-        out_std = m.init_std / math.sqrt(2 * p.base_depth) * fan_in
-        residual = depth_mult(m, p) ** -p.alpha
-    else:
-        out_std, residual = sp_out_std * fan_in, 1.0
-    return Multipliers(m.init_std * fan_in, out_std, residual, 1.0 / m_n, attn_scale)
+    return Multipliers(m.init_std * fan_in, out_std * fan_in, residual, 1.0 / m_n, attn_scale)
+
+
+@PARAMETERIZATIONS.register("mup")
+def _mup(m: ModelConfig, p: ParamConfig) -> Multipliers:
+    """Maximal Update Parameterization (Yang et al. 2022): hyperparameters transfer across width."""
+    return _width_rules(m, p, m.init_std / math.sqrt(2 * m.n_layers), 1.0)
+
+
+@PARAMETERIZATIONS.register("completep")
+def _completep(m: ModelConfig, p: ParamConfig) -> Multipliers:
+    """CompleteP (Dey et al. 2025): muP plus depth scaling of the residual branches."""
+    # Depth enters through the branch multiplier, so the init no longer does.
+    return _width_rules(m, p, m.init_std / math.sqrt(2 * p.base_depth), depth_mult(m, p) ** -p.alpha)
+
+
+def multipliers(m: ModelConfig, p: ParamConfig) -> Multipliers:
+    """Init stds and forward multipliers of `m` under parameterization `p`."""
+    return PARAMETERIZATIONS.get(p.name).impl(m, p)
 
 
 def role(path: tuple[str, ...], ndim: int) -> str:
@@ -133,7 +151,9 @@ def _factors(cfg: Config, weight_role: str) -> tuple[float, float]:
     p, m = cfg.param, cfg.model
     if p.name == "sp":
         return 1.0, 1.0
-    family = FAMILY[cfg.optim.name]
+    from research import optim  # noqa: PLC0415 (optim imports this module)
+
+    family = optim.OPTIMIZERS.get(cfg.optim.name).impl.family
     width = width_mult(m, p) ** WIDTH_LR_EXPONENT[family][weight_role]
     depth = 1.0
     if p.name == "completep" and weight_role in IN_BLOCK:

@@ -10,9 +10,7 @@ Batches are int32 (B, L + 1): inputs are [:, :-1], targets [:, 1:].
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -21,41 +19,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from research import attention, cpu_kernels, model, optim, param
+from research import kernels, model, optim, param, plugins
 from research import sharding as shd
-from research.config import Config, ConfigError, d_head
+from research.config import Config
 
 State = dict
-
-# XLA:CPU hands every single dot to YNNPACK by default. On the reference CPU
-# step its own (Eigen) dot kernels are ~10% faster, with identical losses;
-# reductions stay with YNNPACK, so this keeps exactly the default's REDUCE
-# fusions (same as XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_dot;
-# experiments/perf.md). It is an experimental XLA option: `compiler_options`
-# drops it when this XLA no longer knows it. It takes precedence over the same
-# option in XLA_FLAGS.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_options_supported() -> bool:
-    try:
-        probe = jax.device_put(jnp.zeros(()), jax.devices("cpu")[0])
-        jax.jit(lambda x: x + 1).lower(probe).compile(compiler_options=CPU_COMPILER_OPTIONS)
-    except jax.errors.JaxRuntimeError:  # INVALID_ARGUMENT: not an option of this XLA; keep its defaults
-        return False
-    return True
-
-
-def cpu_compiler_options() -> dict | None:
-    """CPU_COMPILER_OPTIONS where this XLA knows them, else None (its defaults)."""
-    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else None
-
-
-def compiler_options(mesh: Mesh) -> dict | None:
-    """XLA options for the steps on `mesh`: CPU_COMPILER_OPTIONS on a CPU mesh, else None."""
-    return cpu_compiler_options() if mesh.devices.flat[0].platform == "cpu" else None
-
 
 def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
     """(params, batch_BxL1) -> mean next-token cross-entropy (float32 scalar)."""
@@ -76,8 +44,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    schedule: Callable, accum: int, state_shardings, mesh: Mesh) -> Callable:
-    """Jitted `(state, batch) -> (state, metrics)` with `accum` microbatches per step."""
+                    schedule: Callable, accum: int, state_shardings, mesh: Mesh,
+                    compiler_options: dict | None = None) -> Callable:
+    """Jitted `(state, batch) -> (state, metrics)` with `accum` microbatches per step;
+    `compiler_options` are XLA's (a plugin's, `Plan.compiler_options`)."""
     grad_fn = jax.value_and_grad(loss_fn)
     micro = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
 
@@ -114,17 +84,18 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=compiler_options(mesh),
+        compiler_options=compiler_options,
     )
 
 
-def make_eval_step(loss_fn: Callable, param_shardings, mesh: Mesh) -> Callable:
+def make_eval_step(loss_fn: Callable, param_shardings, mesh: Mesh,
+                   compiler_options: dict | None = None) -> Callable:
     """Jitted `(params, batch) -> mean loss`."""
     return jax.jit(
         loss_fn,
         in_shardings=(param_shardings, shd.batch_sharding(mesh)),
         out_shardings=shd.replicated(mesh),
-        compiler_options=compiler_options(mesh),
+        compiler_options=compiler_options,
     )
 
 
@@ -166,7 +137,8 @@ def state_shardings(abstract_params, param_shardings, optimizer: optax.GradientT
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The train state as known before any array exists: structure, shardings, optimizer."""
+    """The train state as known before any array exists: structure, shardings, optimizer,
+    and the run's choices resolved on its mesh: kernels, plugins, compiler options."""
 
     graphdef: nnx.GraphDef
     abstract_params: dict
@@ -176,6 +148,9 @@ class Plan:
     schedule: Callable
     build_model: Callable[[], nnx.Module]
     seed: int
+    kernels: dict[str, str]  # {"attention": name, "matmul": name}, auto resolved
+    plugins: tuple[plugins.Plugin, ...] = ()
+    compiler_options: dict | None = None
 
     def fresh_state(self) -> State:
         """Newly initialised params and optimizer state, created in their shards."""
@@ -187,61 +162,35 @@ class Plan:
         shapes = jax.eval_shape(lambda: new_state(self.abstract_params, self.optimizer, self.seed))
         return shd.abstract_with_shardings(shapes, self.state_shardings)
 
+    def train_step(self, mesh: Mesh, accum: int) -> Callable:
+        """The jitted train step of this plan (not yet compiled)."""
+        return make_train_step(make_loss_fn(self.graphdef, mesh), self.optimizer, self.schedule,
+                               accum, self.state_shardings, mesh, self.compiler_options)
 
-def check_kernels(cfg: Config, mesh: Mesh) -> None:
-    """ConfigError when `model.matmul` or `model.attention` asks for a kernel that cannot
-    run here: the MKL kernels (cpu_kernels.py) where they are not built or the mesh is not
-    one CPU device; cuDNN's attention off an NVIDIA GPU or outside its dtypes and shapes.
-    Also when `train.keep_awake=on` cannot be had: not a CPU backend, or no kernels."""
-    if cfg.model.attention == "cudnn":
-        reason = attention.cudnn_unsupported(mesh.devices.flat[0].platform, cfg.model.dtype,
-                                             d_head(cfg.model))
-        if reason is not None:
-            raise ConfigError("model.attention", f"cudnn: {reason}; use auto or xla")
-    for name in ("matmul", "attention"):
-        if getattr(cfg.model, name) != "mkl":
-            continue
-        platform = mesh.devices.flat[0].platform
-        reason = cpu_kernels.unavailable()
-        if reason is None and (mesh.size != 1 or platform != "cpu"):
-            reason = f"needs a one-device CPU mesh, got {mesh.size} {platform} device(s)"
-        if reason is not None:
-            raise ConfigError(f"model.{name}", f"mkl: {reason}; use auto or xla")
-    if cfg.train.keep_awake == "on":
-        platform = mesh.devices.flat[0].platform
-        reason = cpu_kernels.unavailable() if platform == "cpu" else f"needs a CPU backend, got {platform}"
-        if reason is not None:
-            raise ConfigError("train.keep_awake", f"on: {reason}; use auto or off")
+    def eval_step(self, mesh: Mesh) -> Callable:
+        """The jitted eval step of this plan: (params, batch) -> mean loss."""
+        return make_eval_step(make_loss_fn(self.graphdef, mesh), self.param_shardings, mesh,
+                              self.compiler_options)
 
 
-def kernels(cfg: Config) -> dict[str, str]:
-    """The matmul and attention kernels the step runs for `cfg` here (`auto` resolved)."""
-    m = cfg.model
-    return {"matmul": model.resolve_matmul(m.matmul, m.dtype),
-            "attention": attention.resolve(m.attention, m.dtype, d_head(m))}
-
-
-def keeps_awake(cfg: Config, mesh: Mesh) -> bool:
-    """Whether the train loop runs with `cpu_kernels.keep_awake` here (`train.keep_awake`,
-    `auto` resolved: on a CPU backend where the kernels load)."""
-    choice = cfg.train.keep_awake
-    return choice == "on" or (choice == "auto" and mesh.devices.flat[0].platform == "cpu"
-                              and cpu_kernels.unavailable() is None)
-
-
-def awake(cfg: Config, mesh: Mesh):
-    """The context the train loop runs in: the CPU cores kept awake, or nothing to do."""
-    if not keeps_awake(cfg, mesh):
-        return contextlib.nullcontext()
-    return cpu_kernels.keep_awake(required=cfg.train.keep_awake == "on")
+def compiler_options(enabled: list[plugins.Plugin], mesh: Mesh) -> dict | None:
+    """XLA options for the steps on `mesh`: the enabled plugins' for its platform, merged
+    (None: XLA's defaults)."""
+    platform = mesh.devices.flat[0].platform
+    merged = {}
+    for plugin in enabled:
+        merged.update(plugin.compiler_options(platform) or {})
+    return merged or None
 
 
 def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:
-    """Model structure, optimizer, schedule and state shardings for `cfg` on `mesh`."""
-    check_kernels(cfg, mesh)
+    """Model structure, optimizer, schedule, kernels and state shardings for `cfg` on `mesh`.
+    ConfigError (naming the field) when a chosen kernel or plugin cannot run here."""
+    enabled = plugins.load_all(cfg.plugins, cfg.plugin_options)
+    model_cfg = kernels.resolved(cfg.model, mesh, plugins.sources(cfg.plugins))
 
     def build_model():
-        return model.build(cfg.model, vocab, cfg.data.seq_len, cfg.train.seed, cfg.param)
+        return model.build(model_cfg, vocab, cfg.data.seq_len, cfg.train.seed, cfg.param)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(build_model))
     param_shardings = shd.param_shardings(abstract, mesh)
@@ -251,4 +200,6 @@ def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:
     optimizer = optim.make_optimizer(cfg.optim, schedule, param.optim_scales(cfg, abstract_params))
     return Plan(graphdef, abstract_params, param_shardings,
                 state_shardings(abstract_params, param_shardings, optimizer, mesh),
-                optimizer, schedule, build_model, cfg.train.seed)
+                optimizer, schedule, build_model, cfg.train.seed,
+                {"attention": model_cfg.attention, "matmul": model_cfg.matmul},
+                tuple(enabled), compiler_options(enabled, mesh))

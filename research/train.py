@@ -9,11 +9,6 @@ line and exit code 2. See README "Checkpoints and preemption" for resume.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before JAX is imported: see hostmem.py
-    from research import hostmem
-
-    hostmem.reexec()
-
 import dataclasses
 import json
 import os
@@ -31,11 +26,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import cluster, config, data, flops, param, preemption, sweep
+from research import cluster, config, data, flops, hooks, kernels, param, preemption, sweep
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
-from research.logging import RunLogger
+from research.loggers import RunLogger
 from research.stats import StatsStep
 
 EXIT_CONFIG_ERROR = 2
@@ -83,13 +78,15 @@ def evaluate(eval_step, params, corpus, cfg: config.Config, batch_sharding) -> f
     return float(np.mean(jax.device_get(losses)))
 
 
-def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_completed: bool = False) -> dict:
+def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_completed: bool = False,
+        sweep_group: str | None = None) -> dict:
     """Train one model as configured; write the run directory; return the summary.
 
     `devices`: the devices to use (default: all, after joining a multi-process
     job if the config or environment says so). `skip_completed`: return the
     existing summary, marked "skipped", if the run dir already completed
-    this exact config (how a re-run sweep skips finished jobs).
+    this exact config (how a re-run sweep skips finished jobs). `sweep_group`:
+    the sweep this run belongs to (logger backends group runs by it).
     """
     wall0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -132,8 +129,9 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         check_compatible(ckpt.Checkpointer(init_dir).meta(init_step), cfg, vocab,
                          f"{init_dir / str(init_step)}", "checkpoint.init_from")
 
-    # -- Model, optimizer and the shardings of the whole train state.
+    # -- Model, optimizer, kernels, plugins and the shardings of the whole train state.
     plan = steplib.plan(cfg, vocab, mesh)
+    plugin_hooks = hooks.plugin_hooks(plan.plugins, cfg, mesh)
     meta = {"config": dataclasses.asdict(cfg), "vocab_size": vocab,
             "python_version": platform.python_version(), "corpus": corpus.name,
             "corpus_hash": corpus.info.get("corpus_hash")}
@@ -162,25 +160,24 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     start = int(jax.device_get(state["step"]))
 
     # -- Compile (timed separately from training throughput).
-    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
     batch_sharding = shd.batch_sharding(mesh)
 
     def batch_for(step: int) -> jax.Array:
         return data.device_batch(corpus, data.TRAIN, t.seed, step, t.batch_size, seq_len, batch_sharding)
 
     t0 = time.perf_counter()
-    train_step = steplib.make_train_step(
-        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh
-    ).lower(state, batch_for(start)).compile()
-    eval_step = steplib.make_eval_step(loss_fn, plan.param_shardings, mesh)
+    train_step = plan.train_step(mesh, cfg.optim.accum).lower(state, batch_for(start)).compile()
+    eval_step = plan.eval_step(mesh)
     stats_step = (StatsStep(plan.graphdef, plan.param_shardings, mesh, state["params"], batch_for(start))
                   if t.stats_every else None)
     compile_s = time.perf_counter() - t0
+    loop_hooks = [*hooks.core_hooks(cfg, run_dir, stats_step, start), *plugin_hooks]
 
     # -- Accounting: params, FLOPs per token, the peak MFU divides by.
     counts = flops.param_counts(cfg.model, vocab, seq_len)
     per_token = flops.flops_per_token(cfg.model, vocab, seq_len)
-    peak, peak_source = flops.peak_flops(devices[0])
+    matmul = plan.kernels["matmul"]
+    peak, peak_source = flops.peak_flops(devices[0], {matmul: kernels.matmul(matmul)}, plan.compiler_options)
     if devices[0].platform != "cpu":  # simulated CPU devices share one host's cores
         peak *= len(devices)
     tokens_per_step = t.batch_size * seq_len
@@ -192,7 +189,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         print(param.describe(cfg, plan.abstract_params), file=sys.stderr)
 
     # -- The loop. Each step's loss is checked before anything is saved.
-    logger = RunLogger(run_dir, t.steps, start)
+    logger = RunLogger(run_dir, cfg, t.steps, start, group=sweep_group)
     status, train_loss, val_loss, message = "completed", None, None, None
     train_time, interval_t0, interval_start = 0.0, time.perf_counter(), start
     next_batch = batch_for(start) if start < t.steps else None
@@ -210,20 +207,22 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         return None
 
     try:
-        with preemption.StopRequest() as stop, steplib.awake(cfg, mesh):
+        with preemption.StopRequest() as stop, hooks.running(loop_hooks, start):
             unchecked = None  # (step, metrics) of the step before, its loss not yet read
             for step in range(start, t.steps):
                 batch = next_batch
-                # Per-layer stats need the params from before the step, which the step donates.
-                snapshot = (stats_step.snapshot(state["params"])
-                            if stats_step and (step + 1) % t.stats_every == 0 else None)
+                for hook in loop_hooks:
+                    hook.before_step(step, state)
                 state, metrics = train_step(state, batch)
                 if step + 1 < t.steps:
                     next_batch = batch_for(step + 1)  # built while the device runs this step
                 done = step + 1
+                hook_t0 = time.perf_counter()
+                hook_row = {k: v for hook in loop_hooks for k, v in hook.after_step(done, state, batch).items()}
+                hook_s = time.perf_counter() - hook_t0
                 # The step before is checked while this one runs. Reading a loss waits for its
                 # step; waiting on this one would leave the device idle while the host
-                # dispatches the next (~8% of a GPT-2 small step on an H100; experiments/perf.md).
+                # dispatches the next (docs/performance-log.md).
                 if unchecked is not None and finite_loss(*unchecked) is None:
                     diverged_at = unchecked[0]
                     break
@@ -231,18 +230,18 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                 preempted = stop.requested()
                 log_now = done % t.log_every == 0 or done == t.steps
                 eval_now = bool(t.eval_every and done % t.eval_every == 0) or done == t.steps
-                if not (snapshot is not None or log_now or eval_now or checkpointer.due(done) or preempted):
+                if not (hook_row or log_now or eval_now or checkpointer.due(done) or preempted):
+                    interval_t0 += hook_s
                     continue
                 # This step logs, evaluates or saves: its loss is checked first.
                 unchecked = None
                 if (loss := finite_loss(done, metrics)) is None:
                     diverged_at = done
                     break
-                stats_row = {}
-                if snapshot is not None:  # its time is not training time: keep it out of tokens/s
-                    stats_t0 = time.perf_counter()
-                    stats_row = jax.device_get(stats_step.stats(snapshot, state["params"], batch))
-                    interval_t0 += time.perf_counter() - stats_t0
+                # The hooks' time (and their metrics' wait) is not training time: keep it out of tokens/s.
+                fetch_t0 = time.perf_counter()
+                hook_row = jax.device_get(hook_row)
+                interval_t0 += hook_s + time.perf_counter() - fetch_t0
                 row = {}
                 if log_now:
                     elapsed = time.perf_counter() - interval_t0
@@ -254,8 +253,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                     logger.progress(done, loss, tps)
                 if eval_now:
                     row["val_loss"] = val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
-                if row or stats_row:
-                    logger.log(done, {**row, **stats_row})
+                if row or hook_row:
+                    logger.log(done, {**row, **hook_row})
                 if row:
                     interval_t0, interval_start = time.perf_counter(), done
                 checkpointer.maybe_save(done, state, meta, force=done == t.steps or preempted)
@@ -294,8 +293,9 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "mfu": mfu,
         "peak_flops": peak,
         "peak_source": peak_source,
-        "kernels": steplib.kernels(cfg),
-        "keep_awake": steplib.keeps_awake(cfg, mesh),
+        "kernels": plan.kernels,
+        "compiler_options": plan.compiler_options,
+        "plugins": {p.name: p.describe(cfg, mesh) for p in plan.plugins},
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - wall0,
         "devices": len(devices),
@@ -340,7 +340,8 @@ def main(cfg: DictConfig) -> float | None:
         cluster.pin_local_job(Path(hc.sweep.dir) / ".slots", slots)
     index("running")
     try:
-        summary = run(cfg, run_dir, skip_completed=multirun)
+        summary = run(cfg, run_dir, skip_completed=multirun,
+                      sweep_group=Path(hc.sweep.dir).name if multirun else None)
     except (ConfigError, ckpt.CheckpointError) as err:
         prefix = "config error" if isinstance(err, ConfigError) else "error"
         index("failed", error=f"{prefix}: {err}")

@@ -1,10 +1,9 @@
 """Host memory for XLA:CPU's steps: jemalloc where installed, else glibc with huge pages.
 
-XLA:CPU allocates the temporaries of each execution as one block (861 MB for
-the bench's reference step) and frees it when the step ends. glibc serves a
-block that large with mmap and unmaps it on free, so every step faults it in
-again, 4 KiB page by page: ~215k page faults and 0.5 s of kernel time in a
-2.3 s step on a 2-core machine (experiments/perf.md). Two ways out, best first:
+XLA:CPU allocates the temporaries of each execution as one block and frees it
+when the step ends. glibc serves a block that large with mmap and unmaps it on
+free, so every step faults it in again, 4 KiB page by page, in kernel time
+(docs/performance-log.md). Two ways out, best first:
 
   jemalloc  the system's libjemalloc.so.2 (Debian/Ubuntu: `apt install
             libjemalloc2`), preloaded with MALLOC_CONF=`JEMALLOC_CONF`: large
@@ -12,22 +11,21 @@ again, 4 KiB page by page: ~215k page faults and 0.5 s of kernel time in a
             pages are kept, not handed back (`dirty_decay_ms:-1`), and all
             threads share one arena (`narenas:1`: with one per thread, a block
             freed by one of XLA's workers was not reused when another asked,
-            and 1 bench run in 3 kept faulting ~21k pages per step). The next
+            and some bench runs kept faulting pages every step). The next
             step reuses the block: no faults, no kernel zeroing. Resident
-            memory is the peak's, and flat: 2.3 GB against 1.5 for the
-            reference step, over 60 steps.
+            memory stays at the peak's, flat over a run.
   thp       glibc's tunable `glibc.malloc.hugetlb=1`: malloc asks the kernel
             for transparent huge pages (madvise), and the same block takes
-            ~840 faults of 2 MiB each; the kernel still zeroes it every step.
+            faults of 2 MiB each; the kernel still zeroes it every step.
 
 Keeping freed memory in glibc's own heap instead (mallopt: one arena, no mmap,
 no trim) removed the faults but fragmented the heap: resident memory grew
-from 1.4 to 4.9 GB in 50 steps.
+step by step (docs/performance-log.md).
 
-Both are read once, when a process starts, so `reexec()` restarts the process
-in place (same pid, argv and environment, plus LD_PRELOAD and MALLOC_CONF, or
-the glibc tunable) before JAX is imported. The CLIs (`research.train`,
-`research.bench`) call it first. `LADDER_MALLOC` chooses: `auto` (default:
+Both are read once, when a process starts, so they are set by the process that
+starts it: `python -m ladder_cpu.launch MODULE ARGS...` (launch.py) runs
+`python -m MODULE ARGS...` with them (`environment()`), and `reexec()` restarts
+a script in place. `LADDER_MALLOC` chooses: `auto` (default:
 jemalloc if installed, else thp), `jemalloc`, `thp` or `system` (neither).
 Each is skipped, with the reason in `status()`, where it cannot apply: no
 libjemalloc.so.2; not Linux with glibc >= 2.35, or the kernel's THP mode not
@@ -140,28 +138,37 @@ def status() -> str:
         return f"system ({err})"
     if kind == "system":
         return f"system ({why})"
-    return "system (not re-executed: call hostmem.reexec() first)"
+    return "system (not started through python -m ladder_cpu.launch)"
 
 
-def reexec() -> None:
-    """Restart this process with jemalloc or glibc's hugetlb tunable where it helps
-    (`plan`); return where neither applies or one is already on. Call it first thing in a
-    CLI's `__main__`, before heavy imports: everything done before it is done twice."""
-    if _jemalloc_on() or TUNABLE in _tunables():
-        return
-    try:
-        kind, _ = plan()
-    except ValueError as err:  # before anything is compiled: a one-line error, exit 2
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if kind == "system":
-        return
+def environment() -> dict[str, str]:
+    """This process's environment plus what `plan` sets up here: LD_PRELOAD and MALLOC_CONF
+    for jemalloc, or glibc's hugetlb tunable; unchanged where neither applies or one is
+    already on. ValueError for an unknown LADDER_MALLOC."""
     env = dict(os.environ)
+    if _jemalloc_on() or TUNABLE in _tunables():
+        return env
+    kind, _ = plan()
     if kind == "jemalloc":
         env["LD_PRELOAD"] = " ".join([JEMALLOC, *_preloads()])
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)  # a user's own stands
-    else:
+    elif kind == "thp":
         env["GLIBC_TUNABLES"] = ":".join([*_tunables(), TUNABLE])
+    return env
+
+
+def reexec() -> None:
+    """Restart this process in place (same pid, argv) with `environment()`, where it
+    differs from the current one. For scripts that set up their own process (the
+    experiments); call it first thing, before heavy imports: everything done before it
+    is done twice. The CLIs go through `python -m ladder_cpu.launch` instead."""
+    try:
+        env = environment()
+    except ValueError as err:  # before anything is compiled: a one-line error, exit 2
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if env == dict(os.environ):
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

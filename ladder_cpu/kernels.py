@@ -1,10 +1,10 @@
 """MKL-backed CPU kernels for the train step: 2-D matmul, causal attention, the norms' backward.
 
-XLA:CPU's own dot kernels run the reference step's matmuls 8-25% below MKL's
-SGEMM on the same machine, XLA has no fused attention on CPU, and its autodiff
-of the norms takes several passes (see experiments/perf.md). `cpu_kernels.cc`
-holds XLA FFI handlers, most built on MKL's SGEMM (sequential MKL,
-parallelised on XLA's own thread pool):
+XLA:CPU's own dot kernels run the reference step's matmuls below MKL's SGEMM on
+the same machine, XLA has no fused attention on CPU, and its autodiff of the
+norms takes several passes (docs/performance-log.md). `kernels.cc` holds XLA
+FFI handlers, most built on MKL's SGEMM (sequential MKL, parallelised on XLA's
+own thread pool):
 
   ladder_matmul_group_fwd, ladder_matmul_group_bwd
                          y_i = x @ w_i for a group of weights (one, or a
@@ -22,8 +22,7 @@ parallelised on XLA's own thread pool):
                          one pass over the rows (the forward stays XLA's)
   ladder_layer_norm_bwd  LayerNorm's, the same with the bias's gradient
 
-and, called through ctypes, `LadderKeepAwake`: idle-priority spinner threads
-that keep the cores from halting while a run trains (`keep_awake` below).
+and, called through ctypes, `LadderKeepAwake` (awake.py).
 
 `matmul_group` (and `matmul`, the group of one), `causal_attention`,
 `rms_norm` and `layer_norm` below wrap them with their gradients
@@ -31,17 +30,14 @@ that keep the cores from halting while a run trains (`keep_awake` below).
 compiler (for this CPU: `-march=native`) against jaxlib's FFI headers and the
 MKL of the `mkl` wheel (the `cpu` extra), then cached under
 $LADDER_CACHE/kernels (default ~/.cache/ladder). `unavailable()` says why they
-cannot be used here (no MKL, no compiler, not x86-64 Linux), and the model
-then keeps XLA's kernels.
+cannot be used here (no MKL, no compiler, not x86-64 Linux).
 
-The kernels see whole arrays, so they are only used on a single-device CPU
-mesh: under a multi-device mesh XLA would gather their operands onto every
-device. `model.matmul` and `model.attention` choose (config.py).
+The kernels see whole arrays, so they only run on a single-device CPU mesh:
+under a multi-device mesh XLA would gather their operands onto every device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import glob
@@ -53,7 +49,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import jax
@@ -62,7 +57,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+SOURCE = Path(__file__).with_name("kernels.cc")
 # libmkl_intel_lp64 (32-bit ints) + libmkl_sequential + libmkl_core: MKL without its OpenMP pool.
 MKL_LIBS = ("mkl_intel_lp64", "mkl_sequential", "mkl_core")
 ATTENTION_BLOCK = 64  # query rows per block of the attention kernels
@@ -146,54 +141,17 @@ def unavailable() -> str | None:
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     lib.LadderKeepAwake.argtypes, lib.LadderKeepAwake.restype = [ctypes.c_int], ctypes.c_int
-    _awake["lib"] = lib
+    _library["lib"] = lib
     return None
 
 
-def usable(dtype) -> bool:
-    """Whether `auto` picks these kernels: float32, one CPU device, kernels available."""
-    return (jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
-            and jax.devices()[0].platform == "cpu" and unavailable() is None)
+_library: dict = {}  # the loaded shared library, once unavailable() has built it
 
 
-_awake = {"lib": None, "depth": 0, "lock": threading.Lock()}
-
-
-@contextlib.contextmanager
-def keep_awake(required: bool = True):
-    """Keep every core of this process busy while the block runs: one spinner thread per
-    core, at idle priority (Linux's SCHED_IDLE), which any other thread preempts at once.
-
-    On a VM an idle vCPU halts, and when the host is busy a halted vCPU is slow to wake;
-    XLA's pool threads sleep between ops ~90 times a step each (PyTorch's spin instead),
-    and with spinners their cores no longer halt (experiments/perf.md, item 42). The
-    spinners show as busy cores in `top`; they take only time nothing else wants. Nested
-    uses share them; they stop when the outermost block ends. If the kernels are
-    unavailable or the system refuses SCHED_IDLE: RuntimeError, or with `required=False`
-    a logged warning, and the block runs without spinners."""
-    reason = unavailable()
-    lib, lock = _awake["lib"], _awake["lock"]
-    with lock:
-        if reason is None and _awake["depth"] == 0:
-            threads = len(os.sched_getaffinity(0))
-            if (idle := lib.LadderKeepAwake(threads)) < threads:
-                lib.LadderKeepAwake(0)
-                reason = f"only {idle} of {threads} threads could take SCHED_IDLE priority"
-        if reason is None:
-            _awake["depth"] += 1
-    if reason is not None:
-        if required:
-            raise RuntimeError(f"keep_awake: {reason}")
-        log.warning("keep_awake: running without spinners: %s", reason)
-        yield
-        return
-    try:
-        yield
-    finally:
-        with lock:
-            _awake["depth"] -= 1
-            if _awake["depth"] == 0:
-                lib.LadderKeepAwake(0)
+def library() -> ctypes.CDLL:
+    """The loaded kernels library (RuntimeError where `unavailable()`)."""
+    _require()
+    return _library["lib"]
 
 
 def _require() -> None:
@@ -263,8 +221,7 @@ def packed_probs(L: int) -> int:
 
 def saves_probs(L: int, K: int) -> bool:
     """Whether the forward saves the causal probabilities for the backward, which then skips
-    recomputing scores and exponentials (-23% of attention's time at the reference shapes,
-    experiments/perf.md): when they take no more memory than q, k, v and o, which the
+    recomputing scores and exponentials (docs/performance-log.md): when they take no more memory than q, k, v and o, which the
     backward keeps anyway. With L a multiple of the 64-row block, packed_probs(L) =
     L (L + 64) / 2 <= 4 L K means L <= 8 K - 64 (448 for K = 64). Longer sequences recompute
     them from the log-sum-exp."""
@@ -365,7 +322,7 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 def rms_norm(x_NxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2, -1) + eps) * w for float32 (N, D) x and (D,) w. The forward is
-    XLA's; the backward is one pass of the CPU kernel (XLA's own took ~3x longer, perf.md)."""
+    XLA's; the backward is one pass of the CPU kernel."""
     _check_f32("RMSNorm", x_NxD, w_D)
     return _rms_norm(x_NxD, w_D, float(eps))
 

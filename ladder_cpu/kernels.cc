@@ -1,9 +1,9 @@
-// CPU kernels for the train step, called from XLA through its FFI (research/cpu_kernels.py).
+// CPU kernels for the train step, called from XLA through its FFI (ladder_cpu/kernels.py).
 //
-// Why: on a 2-core x86 machine, MKL's single-precision GEMM runs the step's
-// matmul shapes 8-25% faster than XLA:CPU's own dot kernels, and XLA has no
-// fused attention on CPU: its batched (B*H, L, K) dots ran at a third of the
-// 2-D matmul rate (experiments/perf.md). Everything here is fp32.
+// Why: on the 2-core x86 machines we measured, MKL's single-precision GEMM runs
+// the step's matmul shapes faster than XLA:CPU's own dot kernels, and XLA has no
+// fused attention on CPU: its batched (B*H, L, K) dots run well below the 2-D
+// matmul rate (docs/performance-log.md). Everything here is fp32.
 //
 // Threads: MKL is linked sequential (no OpenMP pool competing with XLA's);
 // each kernel splits its work into independent parts and runs them on XLA's
@@ -108,7 +108,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_
 // of 2 g in the backward), XLA's executor no longer starts independent GEMMs at once, each
 // on both of two cores; the input gradient is accumulated in place (beta = 1), where g
 // products would need g - 1 adds after them. A single matmul is the group of one.
-// -0.7 to -1.7% of the reference step (experiments/perf.md, item 40).
+// Measured in docs/performance-log.md, item 40.
 
 struct Operand {
   const float* data;
@@ -171,7 +171,7 @@ ffi::Error MatmulGroupFwd(ffi::ThreadPool pool, Matrix x, ffi::RemainingArgs arg
 // dx: rows split across threads. dw: where there are more tokens than D (the usual case),
 // the tokens are split, each part multiplies its own slice of x and dy, and the partial
 // products are summed: split by rows of dw, every thread would pack all of dy again (MKL's
-// packing is per call), +3-4% alone (experiments/perf.md, item 28). Else rows of dw.
+// packing is per call; docs/performance-log.md, item 28). Else rows of dw.
 ffi::Error MatmulGroupBwd(ffi::ThreadPool pool, Matrix x, ffi::RemainingArgs args,
                           ffi::Result<Matrix> dx, ffi::RemainingRets rets) {
   const int64_t n = x.dimensions()[0], d = x.dimensions()[1];
@@ -250,7 +250,7 @@ ffi::Error MatmulGroupBwd(ffi::ThreadPool pool, Matrix x, ffi::RemainingArgs arg
 // again. Either the forward saves them (`probs`: each block's (rows, r1)
 // rectangle, packed block after block, zero above the diagonal), or it saves
 // the log-sum-exp of each query row and the backward recomputes them from it,
-// as FlashAttention does. cpu_kernels.py picks one by the memory it costs.
+// as FlashAttention does. kernels.py picks one by the memory it costs.
 
 struct Dims {
   int64_t B, L, H, K;
@@ -413,8 +413,8 @@ ffi::Error AttentionBwdProbs(ffi::ThreadPool pool, Rank4 q, Rank4 k, Rank4 v, Ra
 // row, with mu = mean(x) for LayerNorm (kCenter) and mu = 0 for RMSNorm. With g = dy w:
 //   dx = r (g - mean(g) - xhat mean(g xhat)),  dw = sum over rows of dy xhat,  db = sum of dy;
 // RMSNorm has no mean(g) term and no b. Each row (D floats) stays in L1 over its passes.
-// XLA's autodiff of the same took ~3x this kernel's time (experiments/perf.md, items 30, 39):
-// it materialised broadcasts of r and w for the reductions. Rows are split across threads;
+// XLA's autodiff of the same is slower (docs/performance-log.md, items 30, 39): it
+// materialises broadcasts of r and w for the reductions. Rows are split across threads;
 // each part sums its own dw (and db), and the parts are added at the end.
 
 template <bool kCenter>
@@ -560,11 +560,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LadderMatmulGroupBwd, MatmulGroupBwd,
 //
 // A VM's idle vCPU halts, and a halted vCPU may lose its physical core to
 // another guest: when the host is busy, waking it again is slow. XLA's pool
-// threads sleep whenever they run out of work, ~90 times each per step of the
-// reference config (PyTorch's OpenMP threads spin instead: once per step). So
+// threads sleep whenever they run out of work, many times per step (PyTorch's
+// OpenMP threads spin instead). So
 // while a run trains, one spinner per core takes up idle time at SCHED_IDLE
 // priority, which any other thread preempts at once: the vCPU then never goes
-// idle, and a woken pool thread finds its core running (experiments/perf.md,
+// idle, and a woken pool thread finds its core running (docs/performance-log.md,
 // item 42). Spinners are started on first use and park on a condition
 // variable while off.
 
