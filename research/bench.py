@@ -12,19 +12,15 @@ host-device round trip per step would cost. `step_memory_bytes` is XLA's
 account of the compiled step's device memory (`step_memory`).
 
 On CPU the peak is the sustained fp32 matmul rate of the fastest GEMM the
-process has (XLA's dot, and MKL's where the step uses cpu_kernels; `kernels`
-says which kernels the step ran; with the cores kept awake where the kernels
-load, as the steps run), measured for a few seconds just before and
-just after the timed steps; the larger of the two is used, so a machine that
-slows down mid-run does not flatter the ratio. `cpu_steal` is the share of
-CPU time the hypervisor took during the timed steps (Linux): when it is not
-near 0 the figures are noisy. `page_faults_per_step` counts the host's minor
-page faults per timed step; `host_malloc` says which malloc the process runs
-(hostmem.py: jemalloc, glibc with transparent huge pages, or the system's):
-with glibc's default, XLA:CPU's step buffers are faulted in anew every step,
-4 KiB at a time. The steps run as the train loop runs them: on CPU with
-idle-priority spinners keeping the cores awake (`train.keep_awake`, step.py;
-`keep_awake` says whether they ran).
+step has (XLA's dot, and the step's matmul kernel where a plugin gave it one;
+`kernels` says which kernels the step ran), measured for a few seconds just
+before and just after the timed steps, inside the plugins' loop hooks as the
+steps run; the larger of the two is used, so a machine that slows down mid-run
+does not flatter the ratio. `cpu_steal` is the share of CPU time the
+hypervisor took during the timed steps (Linux): when it is not near 0 the
+figures are noisy. `page_faults_per_step` counts the host's minor page faults
+per timed step. `plugins` records what each enabled plugin did
+(`plugins=[cpu]`: docs/cpu-plugin.md).
 On accelerators the peak is the datasheet's. Overrides use the same names as
 `research.train`; the defaults are the reference config for a 2-core CPU:
 n_layers=6, n_heads=6, d_model=384, seq_len=256, batch_size=16, vocab 256,
@@ -32,11 +28,6 @@ fp32, AdamW.
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # first, before JAX is imported: see hostmem.py
-    from research import hostmem
-
-    hostmem.reexec()
 
 import json
 import resource
@@ -46,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from research import config, data, flops, hostmem
+from research import config, data, flops, hooks, kernels
 from research import sharding as shd
 from research import step as steplib
 
@@ -80,22 +71,16 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
-def _jitted_step(cfg: config.Config, plan: steplib.Plan, mesh):
-    loss_fn = steplib.make_loss_fn(plan.graphdef, mesh)
-    return steplib.make_train_step(
-        loss_fn, plan.optimizer, plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
-
-
-def compiled_step(cfg: config.Config, corpus: data.Corpus, mesh) -> tuple:
+def compiled_step(cfg: config.Config, corpus: data.Corpus, mesh, plan: steplib.Plan | None = None) -> tuple:
     """(compiled train step, fresh state, 2 batches, compile seconds) for `cfg` on `mesh`."""
     t = cfg.train
-    plan = steplib.plan(cfg, corpus.vocab_size, mesh)
+    plan = plan or steplib.plan(cfg, corpus.vocab_size, mesh)
     state = plan.fresh_state()
     batch_sh = shd.batch_sharding(mesh)
     batches = [data.device_batch(corpus, data.TRAIN, t.seed, i, t.batch_size, cfg.data.seq_len, batch_sh)
                for i in range(2)]
     t0 = time.perf_counter()
-    train_step = _jitted_step(cfg, plan, mesh).lower(state, batches[0]).compile()
+    train_step = plan.train_step(mesh, cfg.optim.accum).lower(state, batches[0]).compile()
     return train_step, state, batches, time.perf_counter() - t0
 
 
@@ -119,7 +104,7 @@ def planned_memory(raw_cfg) -> dict[str, int]:
     plan = steplib.plan(cfg, data.load(cfg.data).vocab_size, mesh)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32,
                                  sharding=shd.batch_sharding(mesh))
-    compiled = _jitted_step(cfg, plan, mesh).lower(plan.abstract_state(), batch).compile()
+    compiled = plan.train_step(mesh, cfg.optim.accum).lower(plan.abstract_state(), batch).compile()
     return step_memory(compiled)
 
 
@@ -131,15 +116,23 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     corpus = data.load(cfg.data)
     vocab, seq_len, t = corpus.vocab_size, cfg.data.seq_len, cfg.train
     on_cpu = devices[0].platform == "cpu"
+    plan = steplib.plan(cfg, vocab, mesh)
+    loop_hooks = hooks.plugin_hooks(plan.plugins, cfg, mesh)  # as the train loop runs
+
+    def measured_peak() -> tuple[float, str]:
+        matmul = plan.kernels["matmul"]
+        with hooks.running(loop_hooks, 0):
+            return flops.cpu_peak(PEAK_SECONDS, {matmul: kernels.matmul(matmul)}, plan.compiler_options)
+
     if on_cpu:  # before any other work; again after the timed steps
-        peak_before, kernel = flops.cpu_peak(seconds=PEAK_SECONDS)
+        peak_before, kernel = measured_peak()
     else:
         peak, peak_source = flops.peak_flops(devices[0])
         peak *= len(devices)
 
-    train_step, state, batches, compile_s = compiled_step(cfg, corpus, mesh)
+    train_step, state, batches, compile_s = compiled_step(cfg, corpus, mesh, plan)
 
-    with steplib.awake(cfg, mesh):  # as the train loop runs
+    with hooks.running(loop_hooks, 0):
         for i in range(warmup):
             state, metrics = train_step(state, batches[i % 2])
         jax.block_until_ready(metrics)
@@ -163,7 +156,7 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
     steal = (None if ticks0 is None or ticks1 is None or ticks1[1] == ticks0[1]
              else (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1]))
     if on_cpu:
-        peak_after, kernel_after = flops.cpu_peak(seconds=PEAK_SECONDS)
+        peak_after, kernel_after = measured_peak()
         peak = max(peak_before, peak_after)
         kernel = kernel if peak_before >= peak_after else kernel_after
         peak_source = f"measured:cpu fp32 1024^3 matmul ({kernel}), sustained"
@@ -194,10 +187,9 @@ def bench(raw_cfg, steps: int = 10, warmup: int = 2) -> dict:
         "timed_steps": steps,
         "cpu_steal": steal,
         "page_faults_per_step": faults / steps,
-        "host_malloc": hostmem.status(),
-        "compiler_options": steplib.compiler_options(mesh),
-        "kernels": steplib.kernels(cfg),
-        "keep_awake": steplib.keeps_awake(cfg, mesh),
+        "compiler_options": plan.compiler_options,
+        "kernels": plan.kernels,
+        "plugins": {p.name: p.describe(cfg, mesh) for p in plan.plugins},
         "final_loss": float(metrics["loss"]),
     }
 

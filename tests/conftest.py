@@ -82,8 +82,7 @@ def train_steps(*overrides: str, steps: int = 3, sharded: bool = False):
     devices = jax.devices() if sharded else jax.devices()[:1]
     mesh = shd.make_mesh(shd.mesh_shape(cfg.mesh, len(devices)), devices)
     plan = steplib.plan(cfg, corpus.vocab_size, mesh)
-    train_step = steplib.make_train_step(steplib.make_loss_fn(plan.graphdef, mesh), plan.optimizer,
-                                         plan.schedule, cfg.optim.accum, plan.state_shardings, mesh)
+    train_step = plan.train_step(mesh, cfg.optim.accum)
     state, losses = plan.fresh_state(), []
     for s in range(steps):
         batch = data.device_batch(corpus, data.TRAIN, cfg.train.seed, s, cfg.train.batch_size,

@@ -26,7 +26,7 @@ def _lrs(name: str, steps: int = STEPS, **kw) -> np.ndarray:
 # ------------------------------------------------------------ schedules
 
 
-@pytest.mark.parametrize("name", config.SCHEDULES)
+@pytest.mark.parametrize("name", optim.SCHEDULES.names())
 def test_warmup_is_linear_to_lr(name):
     warmup = 10
     lrs = _lrs(name, warmup=warmup)
@@ -38,7 +38,7 @@ def test_warmup_is_linear_to_lr(name):
 
 
 def test_no_warmup_starts_at_lr():
-    for name in config.SCHEDULES:
+    for name in optim.SCHEDULES.names():
         assert float(_lrs(name, warmup=0)[0]) == pytest.approx(LR, rel=1e-6), name
 
 
@@ -120,7 +120,7 @@ def test_decay_mask_matrices_only():
             assert flat_mask[path], key
 
 
-@pytest.mark.parametrize("name", config.OPTIMIZERS)
+@pytest.mark.parametrize("name", optim.OPTIMIZERS.names())
 @pytest.mark.parametrize("clip", [0.0, 1.0])
 def test_weight_decay_skips_vectors(name, clip):
     """Zero gradients: only decay moves params, and it moves matrices, never norm scales."""
@@ -141,7 +141,7 @@ def test_weight_decay_skips_vectors(name, clip):
 
 def test_no_weight_decay_means_no_update_on_zero_grads():
     params = _tiny_params()
-    for name in config.OPTIMIZERS:
+    for name in optim.OPTIMIZERS.names():
         o = OptimConfig(name=name, weight_decay=0.0)
         opt = optim.make_optimizer(o, optim.make_schedule(ScheduleConfig(warmup=0), 1e-2, 100))
         grads = jax.tree.map(jnp.zeros_like, params)
@@ -188,7 +188,7 @@ def _setup(*overrides):
 FAST = ("data.synthetic_tokens=50000",)
 
 
-@pytest.mark.parametrize("name", config.OPTIMIZERS)
+@pytest.mark.parametrize("name", optim.OPTIMIZERS.names())
 def test_optimizer_reduces_loss(name):
     cfg, init, train_step, eval_step, batch = _setup(f"optim={name}", *FAST)
     state = init()

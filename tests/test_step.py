@@ -1,16 +1,10 @@
-"""The optimised CPU train step computes what the plain one computes (experiments/perf.md)."""
+"""The optimised train step computes what the plain one computes (docs/performance-log.md)."""
 
-import platform
-import sys
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from research import model
-from research import sharding as shd
-from research import step as steplib
 from tests.conftest import train_steps
 
 # RoPE on, attention far from uniform (init_std), and at 128 tokens the chunked
@@ -27,23 +21,14 @@ def _jnp_rope_tables(length, k, theta):
 
 
 def _plain_losses(monkeypatch) -> np.ndarray:
-    """The path before the performance work: XLA's attention and dots, jnp RoPE tables,
-    default XLA options."""
+    """The path before the performance work: XLA's attention and dots, jnp RoPE tables."""
     with monkeypatch.context() as m:
-        m.setattr(steplib, "compiler_options", lambda mesh: None)
         m.setattr(model, "rope_tables", _jnp_rope_tables)
         return train_steps(*OVERRIDES, "model.attention=xla", "model.matmul=xla", steps=STEPS)[0]
 
 
-def test_cpu_steps_use_the_compiler_options():
-    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    assert steplib.compiler_options(mesh) == steplib.CPU_COMPILER_OPTIONS
-
-
-# mkl: the MKL kernels (cpu_kernels.py) for every matmul and attention (x86-64 Linux).
-KERNELS = [("chunked", "xla"), ("xla", "xla"),
-           pytest.param("mkl", "mkl", marks=pytest.mark.skipif(
-               sys.platform != "linux" or platform.machine() != "x86_64", reason="MKL: x86-64 Linux"))]
+# The core's kernels; the CPU plugin's are checked in test_ladder_cpu_plugin.py.
+KERNELS = [("chunked", "xla"), ("xla", "xla")]
 
 
 @pytest.mark.parametrize("attention, matmul", KERNELS)
@@ -52,7 +37,9 @@ def test_optimised_step_matches_the_plain_step(attention, matmul, monkeypatch):
                        steps=STEPS)[0]
     plain = _plain_losses(monkeypatch)
     assert fast[-1] < fast[0]  # it trains
-    # Within fp32 rounding of the reference path (XLA's attention and dots, default XLA options).
+    # Within fp32 rounding of the reference path: the two differ only in the order of the
+    # sums in attention's softmax and dots (u = 6e-8 per operation), and 4 steps of AdamW
+    # from the same init amplify that little; 2e-6 relative is ~30 u on a loss of ~5.
     np.testing.assert_allclose(fast, plain, rtol=2e-6)
 
 
