@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rest.append(arg)
     try:
-        config.check_group_choices(rest, config.CONF_DIR)
+        config.check_overrides(rest)
         result = bench(config.compose([*REFERENCE, *rest]), steps=steps)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             raise config.ConfigError("--widths", "need at least two positive widths, --steps >= 1, --seeds >= 1")
         if any(a.startswith(("model.d_model=", "train.steps=")) for a in overrides):
             raise config.ConfigError("model.d_model", "set by the check: use --widths and --steps")
-        config.check_group_choices(overrides, config.CONF_DIR)
+        config.check_overrides(overrides)
         result = run(overrides, widths, steps, out, seeds)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -386,7 +386,7 @@ def _process_hint(cfg: DictConfig) -> int:
 
 if __name__ == "__main__":
     try:  # a misspelt preset (optim=adamww) fails here in one line, not in Hydra's many
-        config.check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
+        config.check_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)

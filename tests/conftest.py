@@ -44,11 +44,9 @@ def repo() -> Path:
 
 def compose(*overrides: str):
     """The config `python -m research.train` would build from these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from research import config
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+    return config.compose(overrides)
 
 
 # Small, fast settings for end-to-end tests: synthetic data, a tiny model.
