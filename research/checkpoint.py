@@ -2,7 +2,7 @@
 
 Each checkpoint `<step>/` holds two items:
   state/  the train state pytree: params, opt_state, step, rng (Orbax
-          StandardSave; readable with plain Orbax, see README);
+          StandardSave; readable with plain Orbax, see docs/runs.md);
   meta/   JSON: the run's config, vocab size, Python version, corpus hash.
 
 Restores always read into an abstract target that carries the *current*

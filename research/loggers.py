@@ -137,7 +137,7 @@ class WandB:
         w = cfg.logging.wandb
         self.run = wandb.init(
             project=w.project, entity=w.entity, name=w.name or run_dir.name,
-            group=w.group, tags=list(w.tags),
+            group=w.group if w.group is not None else group, tags=list(w.tags),
             config=dataclasses.asdict(cfg), dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow",
             mode=w.mode,  # None: W&B reads $WANDB_MODE itself, else online
             # Hydra's basic launcher runs a multirun's jobs in one process: never hand back

@@ -4,7 +4,7 @@
 config -> mesh -> corpus -> model and shardings -> resume, warm start or
 init -> compile -> loop (step, log, eval, checkpoint, stop) -> summary.
 Invalid configs stop in the first sections, before any compile, with one
-line and exit code 2. See README "Checkpoints and preemption" for resume.
+line and exit code 2. See docs/runs.md for resume and exit codes.
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """One job. Alone: exit codes as in the README. In a multirun: a job that
+    """One job. Alone: exit codes as in docs/runs.md. In a multirun: a job that
     fails is recorded in the sweep index and the sweep goes on; the job's
     return value (final val loss, None if it failed) is what sweepers such
     as Optuna minimise."""

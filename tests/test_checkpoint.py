@@ -321,7 +321,7 @@ def test_restore_onto_other_meshes_continues_the_curve(tmp_path):
 
 
 def test_load_run_and_plain_orbax(reference):
-    """`research.load_run` for notebooks, and the README's project-free read."""
+    """`research.load_run` for notebooks, and the project-free read of docs/runs.md."""
     import jax.numpy as jnp
 
     import research
@@ -331,7 +331,7 @@ def test_load_run_and_plain_orbax(reference):
     assert net(jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, 256)
     assert metrics["step"].max() == STEPS
 
-    # README, "Reading a checkpoint without this project":
+    # docs/runs.md, "Opening a checkpoint", without this project:
     import orbax.checkpoint as ocp
 
     state = ocp.StandardCheckpointer().restore(f"{reference[0]}/checkpoints/{STEPS}/state")
