@@ -28,8 +28,8 @@ def test_chunked_matches_xla_values_and_gradients(length, chunk):
     def loss(fn, q, k, v):
         return (fn(q, k, v) ** 2).sum()
 
-    out = np.asarray(chunked_attention(q, k, v, chunk), np.float64)
-    ref = np.asarray(xla_attention(q, k, v), np.float64)
+    out = np.asarray(jax.jit(chunked_attention, static_argnums=3)(q, k, v, chunk), np.float64)
+    ref = np.asarray(jax.jit(xla_attention)(q, k, v), np.float64)
     # Output o = sum_s p_s v_s with sum p = 1: |o| <= max |v|. The scores q.k (K terms),
     # the softmax over L keys and the weighted sum over L values each add rounding;
     # k = K + 3 L operations bound the chain, on the scale of max |v| per row.
@@ -55,11 +55,12 @@ def test_the_bound_catches_a_wrong_kernel():
 
 def test_chunked_is_causal():
     q, k, v = jax.random.normal(jax.random.key(1), (3, 1, 24, 2, 4))
-    out = chunked_attention(q, k, v, 8)
+    chunked = jax.jit(chunked_attention, static_argnums=3)
+    out = chunked(q, k, v, 8)
     v2 = v.at[:, 20:].set(0.0)
     k2 = k.at[:, 20:].add(5.0)
     # Later keys never enter rows < 20: the same operations on the same values, bit for bit.
-    np.testing.assert_array_equal(chunked_attention(q, k2, v2, 8)[:, :20], out[:, :20])
+    np.testing.assert_array_equal(chunked(q, k2, v2, 8)[:, :20], out[:, :20])
 
 
 def _mesh(n: int = 1):

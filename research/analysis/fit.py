@@ -63,7 +63,7 @@ def _least_squares_law(log_x, y, starts):
         E, log_a, alpha = p
         return np.log(E + np.exp(log_a - alpha * log_x)) - log_y
 
-    def jacobian(p):  # analytic: ~3x faster than finite differences, which the bootstrap repeats
+    def jacobian(p):  # analytic: cheaper than finite differences, which the bootstrap repeats
         E, log_a, alpha = p
         term = np.exp(log_a - alpha * log_x)
         total = E + term
