@@ -10,9 +10,9 @@ own process, so one that fails or runs out of memory does not end the study,
 and this driver never touches the GPU itself (JAX would reserve 75% of its
 memory). Each result is one JSON line appended to $GPU_PERF_OUT/gpu_perf.jsonl
 (default runs/gpu_perf) as soon as it is measured; a table is printed last.
-Figures are recorded in experiments/perf.md. On the H100 of session 5 each run
-spent over 100 s compiling the state initialiser (perf.md): the time limits
-below leave room for that.
+Figures are recorded in docs/performance-log.md. On the H100 of session 5 each
+run spent over 100 s compiling the state initialiser (see that log): the time
+limits below leave room for that.
 """
 
 from __future__ import annotations
@@ -112,13 +112,13 @@ def stage_gpt2(out_dir: Path, names: list[str]) -> None:
 NUMERICS_CODE = """
 import json
 import jax, jax.numpy as jnp
-from research.attention import xla_attention
+from research import kernels
 B, L, H, K = 4, 1024, 12, 64
 keys = jax.random.split(jax.random.key(7), 4)
 q, k, v, g = (jax.random.normal(kk, (B, L, H, K), jnp.float32) for kk in keys)
-def run(impl, dtype):
-    f = lambda q, k, v: xla_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                      implementation=impl).astype(jnp.float32)
+def run(impl, dtype):  # the registered kernel, as the model calls it
+    attn = kernels.attention(impl)
+    f = lambda q, k, v: attn(q.astype(dtype), k.astype(dtype), v.astype(dtype)).astype(jnp.float32)
     out, vjp = jax.vjp(f, q, k, v)
     return [out, *vjp(g)]
 ref = run("xla", jnp.float32)

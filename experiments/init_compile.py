@@ -5,9 +5,10 @@
     python experiments/init_compile.py --variant batched [OVERRIDES...]  # one way only
 
 On the H100 of session 5, compiling `step.init_state` for GPT-2 small took more
-than 100 s, against 13-17 s for the train step (experiments/perf.md). Each
+than 100 s, against 13-17 s for the train step (docs/performance-log.md). Each
 variant below builds the step-0 state of the bench's config (plus OVERRIDES)
-on one device, in its own process, and prints one JSON line: trace and lower,
+on one device, in its own process, and prints one JSON line: the kernels the
+run's plan resolved (which the params do not depend on), trace and lower,
 compile and run times, the compiled program's fusions and HLO lines, and a
 digest of the params' bytes. `weights` and `key_arg` give bitwise the same
 params; `batched` makes the same draws, but XLA rounds their product by the
@@ -74,6 +75,8 @@ def _batched_draws():
 
 
 def measure(variant: str, overrides: list[str]) -> dict:
+    import dataclasses
+
     import jax
     from flax import nnx
 
@@ -86,9 +89,10 @@ def measure(variant: str, overrides: list[str]) -> dict:
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     vocab = data.load(cfg.data).vocab_size
     plan = steplib.plan(cfg, vocab, mesh)
+    model_cfg = dataclasses.replace(cfg.model, **plan.kernels)  # as the plan builds it
 
     def params(seed):
-        args = (cfg.model, vocab, cfg.data.seq_len, seed, cfg.param)
+        args = (model_cfg, vocab, cfg.data.seq_len, seed, cfg.param)
         if variant == "batched":
             with _batched_draws():
                 net = model.build(*args)
@@ -113,7 +117,7 @@ def measure(variant: str, overrides: list[str]) -> dict:
     for leaf in jax.tree.leaves(state["params"]):
         digest.update(jax.device_get(leaf).tobytes())
     hlo = compiled.as_text()
-    return {"variant": variant, "device": str(jax.devices()[0].device_kind),
+    return {"variant": variant, "device": str(jax.devices()[0].device_kind), "kernels": plan.kernels,
             "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "run_s": round(t3 - t2, 2),
             "fusions": hlo.count(" fusion("), "hlo_lines": hlo.count("\n"),
             "params_digest": digest.hexdigest()[:16]}

@@ -5,17 +5,20 @@
 PATH is the path, or a name on PATH, of a Python that has `torch` (CPU build); this project's environment
 needs none. Two long-lived workers are started, each in its own process and
 environment, as they run alone:
-- ours: the reference config of `python -m research.bench` (the CLIs'
-  host malloc, research/hostmem.py), plus `--ours` (space-separated
-  overrides, e.g. "model.pos=learned model.norm=layernorm" for nanoGPT's
-  positions and norm), compiled and warmed up; its turns run as the train
-  loop does, with `train.keep_awake`'s spinners (`--ours train.keep_awake=off`
-  for none);
+- ours: the reference config of `python -m research.bench`, plus `--ours`
+  (space-separated overrides, e.g. "model.pos=learned model.norm=layernorm"
+  for nanoGPT's positions and norm, "plugins=[cpu]" for the CPU plugin),
+  compiled and warmed up; its turns run as the train loop runs them, on the
+  kernels its plan resolved and inside its enabled plugins' loop hooks. With
+  `plugins=[cpu]` that is MKL's kernels and the keep-awake spinners
+  (`--ours "plugins=[cpu] +plugin_options.cpu.keep_awake=off"` for none), and
+  the worker restarts itself with the plugin's malloc (jemalloc or huge pages,
+  ladder_cpu/hostmem.py), as `python -m ladder_cpu.launch` would start it;
 - PyTorch: `experiments/torch_baseline.py`'s nanoGPT step (eager), warmed up.
 They then take turns: each round runs `--steps` timed steps of one, then of
 the other (who goes first alternates), with `--settle` seconds of quiet
 before each turn so that neither's idle threads still spin in the other's.
-This machine's speed drifts by a third within minutes (experiments/perf.md),
+This machine's speed drifts by a third within minutes (docs/performance-log.md),
 and two runs minutes apart differ by more than the gap being measured; here
 both sides see the same minutes.
 
@@ -23,15 +26,24 @@ Prints a line per round (each side's median step, the ratio PyTorch / ours:
 above 1 means ours is faster), then one JSON line: both medians over all
 steps, model GFLOP/s (PaLM accounting on each side's own model, as
 `research.bench` and `torch_baseline.py` report them), the median ratio of
-the rounds, how many rounds ours won, and each side's last loss.
+the rounds, how many rounds ours won, each side's last loss, and our side's
+kernels and plugins (what `research.bench` reports under those names).
 """
 
 from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__" and sys.argv[1:3] == ["--serve", "ours"]:  # as the CLIs: hostmem.py
-    from research import hostmem
+
+def _enables_cpu_plugin(argv: list[str]) -> bool:
+    """Whether `--ours OVERRIDES` in `argv` lists the CPU plugin (plugins=[...cpu...])."""
+    ours = argv[argv.index("--ours") + 1] if "--ours" in argv[:-1] else ""
+    return any(o.startswith("plugins=") and "cpu" in o.split("=", 1)[1].strip("[]").split(",")
+               for o in ours.split())
+
+
+if __name__ == "__main__" and sys.argv[1:3] == ["--serve", "ours"] and _enables_cpu_plugin(sys.argv):
+    from ladder_cpu import hostmem  # first, before JAX is imported: the malloc is chosen at start
 
     hostmem.reexec()
 
@@ -52,20 +64,25 @@ def serve_ours(overrides: list[str]):
     the bench's reference config plus `overrides`."""
     import jax
 
-    from research import config, data, flops, hostmem
+    from research import config, data, flops, hooks
     from research import sharding as shd
     from research import step as steplib
     from research.bench import REFERENCE, compiled_step
 
-    try:
-        config.check_group_choices(overrides, config.CONF_DIR)
+    try:  # compose checks the overrides themselves, in one line each
         cfg = config.parse(config.compose([*REFERENCE, *overrides]))
     except config.ConfigError as err:  # before any compile, as the CLIs
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
     corpus = data.load(cfg.data)
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    train_step, state, batches, _ = compiled_step(cfg, corpus, mesh)
+    try:
+        plan = steplib.plan(cfg, corpus.vocab_size, mesh)
+        loop_hooks = hooks.plugin_hooks(plan.plugins, cfg, mesh)
+    except config.ConfigError as err:  # a kernel or plugin option that cannot run here
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    train_step, state, batches, _ = compiled_step(cfg, corpus, mesh, plan)
     holder = {"state": state}
 
     def step(i: int) -> float:
@@ -74,9 +91,9 @@ def serve_ours(overrides: list[str]):
 
     seq_len = cfg.data.seq_len
     per_step = cfg.train.batch_size * seq_len * flops.flops_per_token(cfg.model, corpus.vocab_size, seq_len)
-    about = (f"jax {jax.__version__}, host malloc {hostmem.status()}, keep_awake "
-             f"{steplib.keeps_awake(cfg, mesh)}, overrides {overrides}")
-    return step, per_step, about, lambda: steplib.awake(cfg, mesh)
+    about = {"about": f"jax {jax.__version__}, kernels {plan.kernels}, overrides {overrides}",
+             "kernels": plan.kernels, "plugins": {p.name: p.describe(cfg, mesh) for p in plan.plugins}}
+    return step, per_step, about, lambda: hooks.running(loop_hooks, 0)
 
 
 def serve_torch():
@@ -86,8 +103,8 @@ def serve_torch():
     import torch
     import torch_baseline as tb
 
-    return (tb.make_step(), tb.BATCH * tb.SEQ * tb.flops_per_token(), f"torch {torch.__version__}",
-            contextlib.nullcontext)
+    return (tb.make_step(), tb.BATCH * tb.SEQ * tb.flops_per_token(),
+            {"about": f"torch {torch.__version__}"}, contextlib.nullcontext)
 
 
 def serve(side: str, overrides: list[str]) -> None:
@@ -99,10 +116,10 @@ def serve(side: str, overrides: list[str]) -> None:
         for _ in range(2):  # warm-up (ours has compiled already)
             step(done)
             done += 1
-    print(json.dumps({"flops_per_step": per_step, "about": about}), flush=True)
+    print(json.dumps({"flops_per_step": per_step, **about}), flush=True)
     for line in sys.stdin:
         times, loss = [], None
-        with context():  # as the train loop runs (ours: train.keep_awake), only for its turn
+        with context():  # as the train loop runs (ours: the plugins' hooks), only for its turn
             for _ in range(int(line)):
                 t0 = time.perf_counter()
                 loss = step(done)
@@ -180,6 +197,7 @@ def main() -> int:
         theirs.close()
     summary = {"rounds": args.rounds, "steps_per_round": args.steps,
                "ours": ours.info["about"], "torch": theirs.info["about"],
+               "ours_kernels": ours.info["kernels"], "ours_plugins": ours.info["plugins"],
                "ratio_torch_over_ours_median": statistics.median(ratios),
                "ratio_min_max": [min(ratios), max(ratios)],
                "rounds_ours_faster": sum(x > 1 for x in ratios)}

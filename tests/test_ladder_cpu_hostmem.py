@@ -1,6 +1,8 @@
-"""hostmem.reexec(): the process restarts in place with jemalloc preloaded (freed blocks
-are reused, not faulted in again) or with glibc's hugetlb tunable (large blocks come as
-transparent huge pages: a few faults of 2 MiB, not 4 KiB each)."""
+"""ladder_cpu.hostmem.reexec(): the process restarts in place with jemalloc preloaded (freed
+blocks are reused, not faulted in again) or with glibc's hugetlb tunable (large blocks come as
+transparent huge pages: a few faults of 2 MiB, not 4 KiB each). The launcher
+(`python -m ladder_cpu.launch`) starts a process with the same environment:
+tests/test_ladder_cpu_plugin.py."""
 
 import os
 import subprocess
@@ -8,14 +10,14 @@ import sys
 
 import pytest
 
-from research import hostmem
+from ladder_cpu import hostmem
 
 # Runs twice when re-executed: "start" is printed by each run, "done" by the last. The
 # block is allocated, touched and freed twice, as XLA:CPU does with a step's temporaries:
 # the faults of each round are printed.
 SCRIPT = """
 import ctypes, os, resource
-from research import hostmem
+from ladder_cpu import hostmem
 print("start", os.getpid(), hostmem.status(), flush=True)
 hostmem.reexec()
 libc = ctypes.CDLL(None)  # the process's malloc: a preloaded one wins over glibc's
@@ -31,6 +33,7 @@ for _ in range(2):
 print("done", os.getpid(), faults[0], faults[1], hostmem.status())
 """
 SMALL_PAGES = (256 << 20) // 4096  # faults for the block in 4 KiB pages
+NOT_LAUNCHED = "system (not started through python -m ladder_cpu.launch)"
 
 
 def _env(**extra):
@@ -61,7 +64,7 @@ def test_reexec_gives_huge_pages(repo):
         repo, LADDER_MALLOC="thp")
     assert (s1, s2, done) == ("start", "start", "done")
     assert pid1 == pid2 == pid3  # exec in place: launchers and signals see one process
-    assert status1.startswith("system (not re-executed") and status2 == status3 == "thp"
+    assert status1 == NOT_LAUNCHED and status2 == status3 == "thp"
     # Most of the block came as 2 MiB pages (the kernel may fall back to 4 KiB for some),
     # in both rounds: glibc gives the block back to the kernel each time.
     assert first < SMALL_PAGES // 2 and second < SMALL_PAGES // 2
@@ -73,7 +76,7 @@ def test_reexec_preloads_jemalloc_which_reuses_the_freed_block(repo):
     (_, pid1, status1), (_, pid2, status2), (_, pid3, first, second, status3) = _run(
         repo, LADDER_MALLOC="jemalloc")
     assert pid1 == pid2 == pid3
-    assert status1.startswith("system (not re-executed") and status2 == status3 == "jemalloc"
+    assert status1 == NOT_LAUNCHED and status2 == status3 == "jemalloc"
     assert first >= SMALL_PAGES * 0.9  # the first round faults the block in
     assert second < SMALL_PAGES // 100  # the second reuses it: no faults, no kernel zeroing
 
@@ -96,7 +99,7 @@ def test_opt_out_keeps_the_system_malloc(repo):
 
 
 def test_users_own_settings_stand(repo):
-    code = ("import os; from research import hostmem; hostmem.reexec(); "
+    code = ("import os; from ladder_cpu import hostmem; hostmem.reexec(); "
             "print(hostmem.status(), os.environ.get('MALLOC_CONF'))")
     env = _env(GLIBC_TUNABLES="glibc.malloc.hugetlb=0", LADDER_MALLOC="thp")
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
@@ -111,10 +114,13 @@ def test_users_own_settings_stand(repo):
         assert proc.stdout.splitlines() == ["jemalloc narenas:2"]
 
 
-def test_unknown_choice_is_a_one_line_error(repo):
-    env = _env(LADDER_MALLOC="tcmalloc")
-    proc = subprocess.run([sys.executable, "-m", "research.bench"], cwd=repo, env=env,
+@pytest.mark.parametrize("how", ["launch", "reexec"])
+def test_unknown_choice_is_a_one_line_error(repo, how):
+    # Before the module runs (the launcher) or anything else is done (reexec): exit 2.
+    cmd = (["-m", "ladder_cpu.launch", "research.bench"] if how == "launch"
+           else ["-c", "from ladder_cpu import hostmem; hostmem.reexec(); print('ran')"])
+    proc = subprocess.run([sys.executable, *cmd], cwd=repo, env=_env(LADDER_MALLOC="tcmalloc"),
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == ("config error: LADDER_MALLOC: unknown value 'tcmalloc'; "
                                    "valid: auto, jemalloc, thp, system")
