@@ -7,7 +7,7 @@ DEMO_DIR ?= runs/demo
 # Test workers (pytest-xdist): the suite is compile-bound, and XLA compiles on one core.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-cpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m research.bench
+
+# The same with the CPU plugin (kernels, keep-awake, compiler options) and its malloc launcher.
+bench-cpu: $(STAMP)
+	$(PY) -m ladder_cpu.launch research.bench 'plugins=[cpu]'
 
 clean:
 	rm -rf $(VENV) runs outputs multirun
