@@ -177,7 +177,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     counts = flops.param_counts(cfg.model, vocab, seq_len)
     per_token = flops.flops_per_token(cfg.model, vocab, seq_len)
     matmul = plan.kernels["matmul"]
-    peak, peak_source = flops.peak_flops(devices[0], {matmul: kernels.matmul(matmul)}, plan.compiler_options)
+    with hooks.running(plugin_hooks, start):  # a measured peak runs as the steps will (e.g. cores kept awake)
+        peak, peak_source = flops.peak_flops(devices[0], {matmul: kernels.matmul(matmul)}, plan.compiler_options)
     if devices[0].platform != "cpu":  # simulated CPU devices share one host's cores
         peak *= len(devices)
     tokens_per_step = t.batch_size * seq_len
