@@ -1,5 +1,6 @@
 """End to end: `python -m research.train` writes a complete run directory."""
 
+import gzip
 import json
 
 import jax
@@ -85,10 +86,20 @@ def test_stdlib_corpus_is_recorded(tmp_path):
     assert summary["final_val_loss"] < 5.55  # below uniform over 256 bytes (ln 256)
 
 
-def test_grad_accumulation_and_options_train(tmp_path):
-    """The less common knobs run through the real loop and still learn."""
+def test_less_common_knobs_train_and_the_profiler_traces_its_steps(tmp_path):
+    """The less common knobs run through the real loop and still learn; `profile.*` writes
+    a trace of the chosen steps that TensorBoard's profile plugin (.xplane.pb) and
+    Perfetto (.trace.json.gz) open."""
     cfg = compose(*TINY, "optim.accum=2", "model.remat=block", "model.share_layers=1",
-                  "model.pos=learned", "model.norm=layernorm", "schedule=wsd", "mesh=single")
+                  "model.pos=learned", "model.norm=layernorm", "schedule=wsd", "mesh=single",
+                  "profile.start_step=4", "profile.num_steps=2")
     summary = train.run(cfg, tmp_path, devices=jax.devices()[:1])
     assert summary["status"] == "completed"
     assert summary["final_val_loss"] < 5.4
+    [session] = (tmp_path / "profile" / "plugins" / "profile").iterdir()
+    assert list(session.glob("*.xplane.pb"))
+    [perfetto] = session.glob("perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    steps = {e["args"]["step_num"] for e in events if e.get("name") == "train" and "step_num" in e.get("args", {})}
+    assert steps == {"4", "5"} or steps == {4, 5}, steps  # exactly the chosen steps
