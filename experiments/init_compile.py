@@ -80,12 +80,12 @@ def measure(variant: str, overrides: list[str]) -> dict:
     import jax
     from flax import nnx
 
-    from research import config, data, model
+    from research import conf, config, data, model
     from research import sharding as shd
     from research import step as steplib
     from research.bench import REFERENCE
 
-    cfg = config.parse(config.compose([*REFERENCE, *overrides]))
+    cfg = config.parse(conf.compose([*REFERENCE, *overrides]))
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     vocab = data.load(cfg.data).vocab_size
     plan = steplib.plan(cfg, vocab, mesh)

@@ -27,7 +27,7 @@ import time
 
 import jax
 
-from research import config, data, flops, hooks
+from research import conf, config, data, flops, hooks
 from research import sharding as shd
 from research import step as steplib
 from research.bench import REFERENCE, compiled_step
@@ -44,7 +44,7 @@ def main() -> None:
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     runs = {}
     for variant in args.variants:
-        cfg = config.parse(config.compose([*REFERENCE, *variant.split()]))
+        cfg = config.parse(conf.compose([*REFERENCE, *variant.split()]))
         corpus = data.load(cfg.data)
         plan = steplib.plan(cfg, corpus.vocab_size, mesh)
         step, state, batches, _ = compiled_step(cfg, corpus, mesh, plan)

@@ -64,13 +64,13 @@ def serve_ours(overrides: list[str]):
     the bench's reference config plus `overrides`."""
     import jax
 
-    from research import config, data, flops, hooks
+    from research import conf, config, data, flops, hooks
     from research import sharding as shd
     from research import step as steplib
     from research.bench import REFERENCE, compiled_step
 
     try:  # compose checks the overrides themselves, in one line each
-        cfg = config.parse(config.compose([*REFERENCE, *overrides]))
+        cfg = config.parse(conf.compose([*REFERENCE, *overrides]))
     except config.ConfigError as err:  # before any compile, as the CLIs
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from research import config, data, flops, hooks, kernels
+from research import conf, config, data, flops, hooks, kernels
 from research import sharding as shd
 from research import step as steplib
 
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rest.append(arg)
     try:
-        config.check_overrides(rest)
-        result = bench(config.compose([*REFERENCE, *rest]), steps=steps)
+        conf.check_overrides(rest)
+        result = bench(conf.compose([*REFERENCE, *rest]), steps=steps)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from research import config, data, model
+from research import conf, config, data, model
 from research import sharding as shd
 from research import step as steplib
 
@@ -125,7 +125,7 @@ def run(overrides: list[str], widths=WIDTHS, steps: int = STEPS, out: str | Path
     """The whole check; returns {'param', 'widths', 'steps', 'seeds', 'records', 'losses', 'slopes', 'plot'}."""
     devices = jax.devices()[:1]  # a diagnostic of small models: one device, no mesh questions
     mesh = shd.make_mesh((1, 1, 1), devices)
-    cfgs = [config.parse(config.compose([*DEFAULTS, *overrides, f"model.d_model={w}", f"train.steps={steps}"]))
+    cfgs = [config.parse(conf.compose([*DEFAULTS, *overrides, f"model.d_model={w}", f"train.steps={steps}"]))
             for w in widths]
     corpus = data.load(cfgs[0].data)
     per_width, losses = [], {}
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             raise config.ConfigError("--widths", "need at least two positive widths, --steps >= 1, --seeds >= 1")
         if any(a.startswith(("model.d_model=", "train.steps=")) for a in overrides):
             raise config.ConfigError("model.d_model", "set by the check: use --widths and --steps")
-        config.check_overrides(overrides)
+        conf.check_overrides(overrides)
         result = run(overrides, widths, steps, out, seeds)
     except config.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import cluster, config, data, flops, hooks, kernels, param, preemption, sweep
+from research import cluster, conf, config, data, flops, hooks, kernels, param, preemption, sweep
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
@@ -387,7 +387,7 @@ def _process_hint(cfg: DictConfig) -> int:
 
 if __name__ == "__main__":
     try:  # a misspelt preset (optim=adamww) fails here in one line, not in Hydra's many
-        config.check_overrides(sys.argv[1:])
+        conf.check_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)

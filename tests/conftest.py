@@ -44,9 +44,9 @@ def repo() -> Path:
 
 def compose(*overrides: str):
     """The config `python -m research.train` would build from these overrides."""
-    from research import config
+    from research import conf
 
-    return config.compose(overrides)
+    return conf.compose(overrides)
 
 
 # Small, fast settings for end-to-end tests: synthetic data, a tiny model.

@@ -37,13 +37,13 @@ def test_bench_prints_one_json_line(repo):
 
 
 def test_planned_memory_matches_the_compiled_step_and_grows_with_the_model():
-    from research import bench, config
+    from research import bench, conf
 
     small = ["model=xs", "data.seq_len=32", "train.batch_size=8"]
-    raw = config.compose([*bench.REFERENCE, *small])
+    raw = conf.compose([*bench.REFERENCE, *small])
     planned = bench.planned_memory(raw)  # from shapes alone: nothing allocated
     assert planned == bench.bench(raw, steps=1, warmup=1)["step_memory_bytes"]
-    wider = bench.planned_memory(config.compose([*bench.REFERENCE, *small, "model.d_model=128"]))
+    wider = bench.planned_memory(conf.compose([*bench.REFERENCE, *small, "model.d_model=128"]))
     assert wider["argument"] > 3 * planned["argument"]
 
 

@@ -98,12 +98,12 @@ def test_the_core_runs_and_imports_nothing_of_the_plugin_when_it_is_absent(tmp_p
         import pkgutil, importlib, research
         for mod in pkgutil.walk_packages(research.__path__, "research."):
             importlib.import_module(mod.name)
-        from research import config, train
+        from research import conf, config, train
         overrides = {list(TINY)!r} + ["train.steps=4", "schedule.warmup=1", "train.eval_every=0"]
-        summary = train.run(config.compose(overrides), {str(tmp_path / "run")!r})
+        summary = train.run(conf.compose(overrides), {str(tmp_path / "run")!r})
         assert summary["status"] == "completed", summary
         try:
-            config.parse(config.compose(overrides + ["plugins=[cpu]"]))
+            config.parse(conf.compose(overrides + ["plugins=[cpu]"]))
         except config.ConfigError as err:
             print("error:", err)
         print("imported:", sorted(m for m in sys.modules if m.startswith("ladder_cpu")))
