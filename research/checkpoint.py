@@ -184,6 +184,22 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
+# How the params are laid out, recorded in every checkpoint's meta: the Transformer's blocks
+# as one stack of weights with a leading layers dim (model.Block). Checkpoints written
+# before have none: their blocks are separate subtrees (params/blocks/0/wq, ...).
+PARAM_LAYOUT = "stacked-blocks"
+
+
+def check_layout(meta: dict, where: str, field: str) -> None:
+    """ConfigError naming `field` when the checkpoint whose meta this is has another
+    params layout than this version reads; the checkpoint itself is left untouched."""
+    layout = meta.get("param_layout", "per-layer blocks")
+    if layout != PARAM_LAYOUT:
+        raise ConfigError(field, f"{where} was written with {layout} (before the blocks were stacked "
+                          f"into one scanned layer); this version reads only {PARAM_LAYOUT}: "
+                          "use another run dir, or an earlier Ladder to read it (it is left as it is)")
+
+
 def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     """Resolve a run dir, its checkpoints/ dir, or one step dir to (checkpoints dir, step).
 

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
-REMATS = ("none", "block")
+REMATS = ("none", "block", "dots")
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     share_layers: int = 0  # distinct blocks reused cyclically over depth; 0 = none
     dtype: str = "float32"  # compute dtype; params stay float32
-    remat: str = "none"
+    remat: str = "dots"
+    scan_unroll: int = 1  # blocks per iteration of the scan over layers (model.py); n_layers = a plain loop
     attention: str = "auto"  # a name in kernels.ATTENTION, or auto (resolved from the mesh)
     matmul: str = "auto"  # a name in kernels.MATMUL (the 2-D matmuls and the norms), or auto
     init_std: float = 0.02
@@ -230,6 +231,7 @@ def validate(cfg: Config) -> None:
             "model.pos", f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"
         )
     _positive("model.mlp_ratio", m.mlp_ratio)
+    _positive("model.scan_unroll", m.scan_unroll)
     if not 0 <= m.share_layers <= m.n_layers:
         raise ConfigError(
             "model.share_layers", f"must be in 0..model.n_layers={m.n_layers}, got {m.share_layers}"

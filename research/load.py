@@ -47,6 +47,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     directory, newest = ckpt.find_checkpoint(run_dir)
     step = newest if step is None else step
     meta = ckpt.Checkpointer(directory).meta(step)
+    ckpt.check_layout(meta, f"{directory / str(step)}", "run_dir")
     cfg = config.parse(portable(meta["config"]))
     abstract = nnx.eval_shape(
         lambda: model.build(cfg.model, meta["vocab_size"], cfg.data.seq_len, cfg.train.seed,

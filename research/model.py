@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from research import kernels, param
 from research.attention import attention_probs, mean_abs_logits
@@ -85,11 +86,13 @@ class Norm(nnx.Module):
     """RMSNorm or LayerNorm over the last dim; statistics in float32. A matmul kernel
     that brings its own norm (kernels.MatmulKernel.norm) runs it instead."""
 
-    def __init__(self, dim: int, kind: str, matmul: str = "xla"):
+    def __init__(self, dim: int, kind: str, matmul: str = "xla", stack: int | None = None):
+        """`stack`: the params get a leading layers dim of this size (inside `Blocks`)."""
         self.kind, self.matmul = kind, matmul
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=(None,))
+        shape, axes = ((stack, dim), ("layers", None)) if stack else ((dim,), (None,))
+        self.scale = nnx.Param(jnp.ones(shape, jnp.float32), axes=axes)
         if kind == "layernorm":
-            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), axes=(None,))
+            self.bias = nnx.Param(jnp.zeros(shape, jnp.float32), axes=axes)
 
     def __call__(self, x_NxD: jax.Array) -> jax.Array:
         bias_D = self.bias[...] if self.kind == "layernorm" else None
@@ -127,25 +130,29 @@ def apply_rope(x_BxLxHxK: jax.Array, cos_LxK2: jax.Array, sin_LxK2: jax.Array) -
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+    """Pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x)).
 
-    def __init__(self, cfg: ModelConfig, mult: param.Multipliers, rngs: nnx.Rngs):
-        D, H, K, F = cfg.d_model, cfg.n_heads, d_head(cfg), d_ff(cfg)
+    Built with `stack=S`, every weight has a leading layers dim of size S (S blocks drawn
+    at once); `Blocks` scans over that dim and calls the block on one layer's slice.
+    """
+
+    def __init__(self, cfg: ModelConfig, mult: param.Multipliers, rngs: nnx.Rngs, stack: int):
+        D, H, K, F, S = cfg.d_model, cfg.n_heads, d_head(cfg), d_ff(cfg), stack
         std, out_std = mult.hidden_std, mult.out_std
         self.n_heads, self.dtype, self.attention = H, jnp.dtype(cfg.dtype), cfg.attention
         self.matmul = cfg.matmul
         self.residual, self.attn_scale = mult.residual, mult.attn_scale
-        self.attn_norm = Norm(D, cfg.norm, cfg.matmul)
-        self.wq = _param(rngs, (D, H * K), ("embed", "heads"), std)
-        self.wk = _param(rngs, (D, H * K), ("embed", "heads"), std)
-        self.wv = _param(rngs, (D, H * K), ("embed", "heads"), std)
-        self.wo = _param(rngs, (H * K, D), ("heads", "embed"), out_std)
-        self.mlp_norm = Norm(D, cfg.norm, cfg.matmul)
-        self.w_in = _param(rngs, (D, F), ("embed", "mlp"), std)
-        self.w_out = _param(rngs, (F, D), ("mlp", "embed"), out_std)
+        self.attn_norm = Norm(D, cfg.norm, cfg.matmul, stack=S)
+        self.wq = _param(rngs, (S, D, H * K), ("layers", "embed", "heads"), std)
+        self.wk = _param(rngs, (S, D, H * K), ("layers", "embed", "heads"), std)
+        self.wv = _param(rngs, (S, D, H * K), ("layers", "embed", "heads"), std)
+        self.wo = _param(rngs, (S, H * K, D), ("layers", "heads", "embed"), out_std)
+        self.mlp_norm = Norm(D, cfg.norm, cfg.matmul, stack=S)
+        self.w_in = _param(rngs, (S, D, F), ("layers", "embed", "mlp"), std)
+        self.w_out = _param(rngs, (S, F, D), ("layers", "mlp", "embed"), out_std)
 
     def _mm(self, x_NxD: jax.Array, p: nnx.Param) -> jax.Array:
-        return kernels.matmul(self.matmul)(x_NxD, p[...].astype(self.dtype))
+        return checkpoint_name(kernels.matmul(self.matmul)(x_NxD, p[...].astype(self.dtype)), "matmul")
 
     def _qkv(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         B, L, D = x_BxLxD.shape
@@ -153,7 +160,8 @@ class Block(nnx.Module):
         h_NxD = self.attn_norm(x_BxLxD.reshape(B * L, D))
         ws = tuple(p[...].astype(self.dtype) for p in (self.wq, self.wk, self.wv))
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-            y_NxF.reshape(B, L, H, -1) for y_NxF in kernels.matmul(self.matmul).group(h_NxD, ws))
+            checkpoint_name(y_NxF, "matmul").reshape(B, L, H, -1)
+            for y_NxF in kernels.matmul(self.matmul).group(h_NxD, ws))
         if rope is not None:
             q_BxLxHxK = apply_rope(q_BxLxHxK, *rope)
             k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)
@@ -181,6 +189,7 @@ class Block(nnx.Module):
             taps[f"{name}.attn_logits"] = mean_abs_logits(q_BxLxHxK, k_BxLxHxK, self.attn_scale)
         o_BxLxHxK = kernels.attention(self.attention)(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
                                                       scale=self.attn_scale)
+        o_BxLxHxK = checkpoint_name(o_BxLxHxK, "attention")
         return self._rest(x_BxLxD, o_BxLxHxK, taps, name)
 
     def inspect(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array]:
@@ -223,8 +232,8 @@ class Transformer(nnx.Module):
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), cfg.init_std)
         if cfg.pos == "learned":
             self.pos_embed = _param(rngs, (max_len, D), (None, "embed"), cfg.init_std / 2)
-        n_distinct = cfg.share_layers or cfg.n_layers
-        self.blocks = nnx.List([Block(cfg, mult, rngs) for _ in range(n_distinct)])
+        # ALBERT-style sharing: share_layers distinct blocks, layer i runs block i mod share_layers.
+        self.blocks = Block(cfg, mult, rngs, stack=cfg.share_layers or cfg.n_layers)
         self.final_norm = Norm(D, cfg.norm, cfg.matmul)
         if not cfg.tie_embeddings:
             self.unembed = _param(rngs, (D, V), ("embed", "vocab"), cfg.init_std)
@@ -265,16 +274,13 @@ class Transformer(nnx.Module):
         x_BxLxD, rope = self._positions(self._embed(tokens_BxL, constrain))
         _tap(taps, "embed", x_BxLxD)
 
-        def run_block(block: Block, x: jax.Array) -> jax.Array:
-            return block(x, rope)
-
-        if self.cfg.remat == "block" and taps is None:  # taps would leak out of the remat trace
-            run_block = nnx.remat(run_block)
-        for layer in range(self.cfg.n_layers):
-            # ALBERT-style sharing: layer i reuses block i mod share_layers.
-            block = self.blocks[layer % len(self.blocks)]
-            x_BxLxD = run_block(block, x_BxLxD) if taps is None else block(x_BxLxD, rope, taps, f"block{layer}")
-            x_BxLxD = constrain(x_BxLxD, "act")
+        if taps is None:
+            x_BxLxD, _ = self._scan(x_BxLxD, rope, constrain, remat=self.cfg.remat)
+        else:  # no remat: taps would leak out of its trace
+            x_BxLxD, layer_taps = self._scan(x_BxLxD, rope, constrain, taps=True)
+            for key, per_layer in layer_taps.items():
+                for layer in range(self.cfg.n_layers):
+                    taps[key.replace("block", f"block{layer}", 1)] = per_layer[layer]
         logits_BxLxV = self.decode(x_BxLxD)
         _tap(taps, "logits", logits_BxLxV)
         return logits_BxLxV
@@ -291,16 +297,51 @@ class Transformer(nnx.Module):
         if token_embeds_BxLxD is None:
             token_embeds_BxLxD = self._embed(tokens_BxL, lambda x, kind: x)
         x_BxLxD, rope = self._positions(token_embeds_BxLxD.astype(self.dtype))
-        resid, attn = [x_BxLxD], []
-        for layer in range(self.cfg.n_layers):
-            block = self.blocks[layer % len(self.blocks)]
+        x0_BxLxD = x_BxLxD
+        x_BxLxD, (resid_Y, attn_Y) = self._scan(x_BxLxD, rope, lambda x, kind: x,
+                                                 probs=probs, resid=True)
+        resid = [x0_BxLxD, *(resid_Y[i] for i in range(self.cfg.n_layers))]
+        attn = [attn_Y[i] for i in range(self.cfg.n_layers)] if probs else []
+        return Inspection(self.decode(x_BxLxD), resid, attn)
+
+    def _scan(self, x_BxLxD: jax.Array, rope: tuple | None, constrain: Constrain,
+              remat: str = "none", taps: bool = False, probs: bool = False, resid: bool = False):
+        """Run the n_layers blocks as one `jax.lax.scan` over the stacked block weights: the
+        compiled program holds one block whatever the depth. Layer i runs block i mod S.
+
+        Returns (x_BxLxD after the last block, per-layer outputs stacked on a leading
+        n_layers dim): {"block.attn", ...: (Y,)} with `taps`; (resid_YxBxLxD, attn_YxBxHxLxL
+        or None) with `resid` (and `probs`); else None.
+        """
+        graphdef, stacked = nnx.split(self.blocks)
+        S, Y = self.cfg.share_layers or self.cfg.n_layers, self.cfg.n_layers
+
+        def layer(x_BxLxD, block_state):
+            block = nnx.merge(graphdef, block_state)  # one layer's slice of every weight
+            if taps:
+                layer_taps: Taps = {}
+                x_BxLxD = block(x_BxLxD, rope, layer_taps, "block")
+                return constrain(x_BxLxD, "act"), layer_taps
             if probs:
                 x_BxLxD, p_BxHxLxL = block.inspect(x_BxLxD, rope)
-                attn.append(p_BxHxLxL)
-            else:
-                x_BxLxD = block(x_BxLxD, rope)
-            resid.append(x_BxLxD)
-        return Inspection(self.decode(x_BxLxD), resid, attn)
+                return x_BxLxD, (x_BxLxD, p_BxHxLxL)
+            x_BxLxD = constrain(block(x_BxLxD, rope), "act")
+            return x_BxLxD, ((x_BxLxD, None) if resid else None)
+
+        if remat == "block":  # save each block's input only; recompute the rest in the backward
+            layer = jax.checkpoint(layer, prevent_cse=False)
+        elif remat == "dots":  # save the projections' and attention's outputs, whichever kernel
+            # made them; recompute the elementwise work (norms, GELU, RoPE) in the backward
+            layer = jax.checkpoint(layer, prevent_cse=False,
+                                   policy=jax.checkpoint_policies.save_only_these_names("matmul", "attention"))
+        unroll = min(self.cfg.scan_unroll, Y)
+        if S == Y:  # every layer its own block: scan over the weights themselves
+            return jax.lax.scan(layer, x_BxLxD, stacked, unroll=unroll)
+
+        def shared_layer(x_BxLxD, i):  # i mod S picks the block; its gradient sums over uses
+            return layer(x_BxLxD, jax.tree.map(lambda w: w[i % S], stacked))
+
+        return jax.lax.scan(shared_layer, x_BxLxD, jnp.arange(Y), unroll=unroll)
 
 
 def build(cfg: ModelConfig, vocab_size: int, max_len: int, seed: int,

@@ -87,8 +87,14 @@ def make_schedule(s: ScheduleConfig, lr: float, steps: int) -> Schedule:
 
 
 def decay_mask(params):
-    """True for leaves that get weight decay: matrices, not norms or biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for leaves that get weight decay: matrices, not norms or biases. Under
+    `blocks` every weight carries a leading layers dim (model.Block), so a matrix there
+    has 3 dims and a norm scale 2."""
+    def decays(path, p):
+        stacked = bool(path) and getattr(path[0], "key", None) == "blocks"
+        return p.ndim >= (3 if stacked else 2)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 # Each optimizer's direction: the transforms before weight decay and the lr

@@ -133,10 +133,11 @@ def multipliers(m: ModelConfig, p: ParamConfig) -> Multipliers:
 
 
 def role(path: tuple[str, ...], ndim: int) -> str:
-    """The muP role of the weight at `path` (pure-dict keys), e.g. ('blocks', '0', 'wq')."""
+    """The muP role of the weight at `path` (pure-dict keys), e.g. ('blocks', 'wq'). Block
+    weights are stacked over the layers (model.Block): a leading dim on each."""
     top = path[0]
     if top == "blocks":
-        return "hidden" if ndim >= 2 else "block_vector"
+        return "hidden" if ndim >= 3 else "block_vector"
     if top in ("embed", "pos_embed"):
         return "embedding"
     if top == "unembed":
@@ -205,13 +206,13 @@ def describe(cfg: Config, params) -> str:
     rows, seen = [], set()
     for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = _path(keys)
-        name = ".".join("*" if path[0] == "blocks" and i == 1 else k for i, k in enumerate(path))
-        if name in seen:  # every block has the same rules: one row for blocks.*.<weight>
+        name = ".".join(path)
+        if name in seen:
             continue
         seen.add(name)
         weight_role = role(path, len(leaf.shape))
         lr, decay = _factors(cfg, weight_role)
-        decays = len(leaf.shape) >= 2 and cfg.optim.weight_decay > 0  # optim.decay_mask
+        decays = weight_role in ("hidden", "embedding", "readout") and cfg.optim.weight_decay > 0  # optim.decay_mask
         rows.append((name, str(tuple(leaf.shape)), weight_role, f"{lr:.4g}", f"{decay:.4g}" if decays else "-"))
     header = ("weight", "shape", "role", "lr scale", "decay scale")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -22,6 +22,7 @@ BATCH_AXES = ("data", "fsdp")
 
 # logical dimension name -> mesh axis (None = replicated)
 RULES: dict[str, str | None] = {
+    "layers": None,  # the stacked blocks' leading dim: each device holds every layer's shard
     "embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",

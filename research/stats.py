@@ -35,12 +35,14 @@ def activation_rms(resid: list[jax.Array]) -> dict[str, jax.Array]:
 
 
 def param_groups(params: dict) -> dict[str, list[jax.Array]]:
-    """A params pure dict -> {layer name: its arrays}: embed, pos_embed, block{i}, final_norm, unembed."""
+    """A params pure dict -> {layer name: its arrays}: embed, pos_embed, block{i}, final_norm,
+    unembed. block{i} is slice i of the stacked block weights (one per distinct block)."""
     groups = {}
     for name, value in params.items():
         if name == "blocks":
-            for i, block in value.items():
-                groups[f"block{i}"] = jax.tree.leaves(block)
+            stacked = jax.tree.leaves(value)
+            for i in range(stacked[0].shape[0]):
+                groups[f"block{i}"] = [w[i] for w in stacked]
         else:
             groups[name] = jax.tree.leaves(value)
     return groups

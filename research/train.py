@@ -57,6 +57,7 @@ def _get(d: dict, dotted: str):
 
 def check_compatible(meta: dict, cfg: config.Config, vocab: int, where: str, field: str) -> None:
     """ConfigError unless a checkpoint with `meta` fits this run's state."""
+    ckpt.check_layout(meta, where, field)
     current = dataclasses.asdict(cfg)
     for name in STATE_FIELDS if field == "checkpoint.resume" else PARAM_FIELDS:
         if _get(meta["config"], name) != _get(current, name):
@@ -132,7 +133,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     # -- Model, optimizer, kernels, plugins and the shardings of the whole train state.
     plan = steplib.plan(cfg, vocab, mesh)
     plugin_hooks = hooks.plugin_hooks(plan.plugins, cfg, mesh)
-    meta = {"config": dataclasses.asdict(cfg), "vocab_size": vocab,
+    meta = {"config": dataclasses.asdict(cfg), "vocab_size": vocab, "param_layout": ckpt.PARAM_LAYOUT,
             "python_version": platform.python_version(), "corpus": corpus.name,
             "corpus_hash": corpus.info.get("corpus_hash")}
 
@@ -140,6 +141,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     def check_resume(saved: dict) -> None:
         check_compatible(saved, cfg, vocab, f"{checkpointer.directory}", "checkpoint.resume")
 
+    init_t0 = time.perf_counter()
     resumed_step, state, saved_meta = checkpointer.restore_latest(plan.abstract_state(), check_resume)
     if resumed_step is not None:
         print(f"resumed from {checkpointer.directory / str(resumed_step)} at step {resumed_step}",
@@ -158,6 +160,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     else:
         state = plan.fresh_state()
     start = int(jax.device_get(state["step"]))
+    init_s = time.perf_counter() - init_t0  # the initialiser's compile and run, or the restore
 
     # -- Compile (timed separately from training throughput).
     batch_sharding = shd.batch_sharding(mesh)
@@ -297,6 +300,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "kernels": plan.kernels,
         "compiler_options": plan.compiler_options,
         "plugins": {p.name: p.describe(cfg, mesh) for p in plan.plugins},
+        "init_s": init_s,
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - wall0,
         "devices": len(devices),

@@ -300,9 +300,10 @@ def test_init_from_starts_from_params_with_a_fresh_optimizer(repo, reference, tm
 
 
 def test_restore_onto_other_meshes_continues_the_curve(tmp_path):
-    """Written on 8 devices as (2,2,2); resumed on 1 device and on (1,8,1)."""
+    """Written on 8 devices as (2,2,2); resumed on 1 device and on (1,8,1). 4 layers that
+    share 2 blocks (test_sharding runs unshared ones)."""
     args = (*TINY, "train.steps=20", "train.log_every=1", "checkpoint.every=10", "checkpoint.keep=5",
-            "model.d_model=64")
+            "model.d_model=64", "model.n_layers=4", "model.share_layers=2")
     source = tmp_path / "source"
     train.run(compose(*args, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), source)
     full = {r["step"]: r["loss"] for r in _rows(source) if "loss" in r}
@@ -336,9 +337,56 @@ def test_load_run_and_plain_orbax(reference):
 
     state = ocp.StandardCheckpointer().restore(f"{reference[0]}/checkpoints/{STEPS}/state")
     embed = np.asarray(state["params"]["embed"])
-    wq = np.asarray(state["params"]["blocks"]["0"]["wq"])
+    wq = np.asarray(state["params"]["blocks"]["wq"][0])  # block 0's query projection
     assert embed.shape == (256, 32) and wq.shape == (32, 32) and int(state["step"]) == STEPS
+    # Block weights stacked over the layers (TINY: 2), norms too; layer i is slice i.
+    assert state["params"]["blocks"]["wq"].shape == (cfg.model.n_layers, 32, 32) == (2, 32, 32)
+    assert state["params"]["blocks"]["attn_norm"]["scale"].shape == (2, 32)
     np.testing.assert_array_equal(embed, reference[1]["embed"])
+    np.testing.assert_array_equal(np.asarray(net.blocks.wq[...])[1], reference[1]["blocks"]["wq"][1])
+    meta = json.loads((reference[0] / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
+    assert meta["param_layout"] == "stacked-blocks"
+
+
+def _tree_bytes(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_checkpoint_from_before_stacked_blocks_is_refused_and_kept(tmp_path):
+    """A checkpoint written before the blocks were stacked (its meta has no `param_layout`,
+    its blocks are subtrees params/blocks/0/...) is refused with one line naming the field,
+    by resume, by checkpoint.init_from and by load_run; nothing in it is moved or deleted."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    import research
+    from research import checkpoint as ckpt
+    from research.config import ConfigError, parse
+
+    old = tmp_path / "old"
+    meta = {"config": dataclasses.asdict(parse(compose(*ARGS))), "vocab_size": 256,
+            "python_version": "3.11.0", "corpus": "synthetic", "corpus_hash": None}  # no param_layout
+    state = {"params": {"blocks": {"0": {"wq": jnp.ones((32, 32))}, "1": {"wq": jnp.ones((32, 32))}},
+                        "embed": jnp.ones((256, 32))}, "step": jnp.int32(5)}
+    saver = ckpt.Checkpointer(old / "checkpoints")
+    saver.maybe_save(5, state, meta, force=True)
+    saver.close()
+    before = _tree_bytes(old / "checkpoints")
+    assert "5/meta/metadata" in before
+
+    cases = [("checkpoint.resume", lambda: train.run(compose(*ARGS), old)),
+             ("checkpoint.init_from", lambda: train.run(compose(*ARGS, f"checkpoint.init_from={old}"),
+                                                        tmp_path / "warm")),
+             ("run_dir", lambda: research.load_run(old))]
+    for field, attempt in cases:
+        with pytest.raises(ConfigError) as err:
+            attempt()
+        assert err.value.field == field
+        text = str(err.value)
+        assert "\n" not in text and text.startswith(f"{field}: ") and "stacked" in text, text
+        assert _tree_bytes(old / "checkpoints") == before  # refused, not quarantined as damage
+    assert not (tmp_path / "warm" / "checkpoints").exists()
 
 
 def test_half_written_metrics_line_is_dropped_on_resume(repo, reference, tmp_path):

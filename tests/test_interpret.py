@@ -104,7 +104,8 @@ def test_activation_and_update_stats():
     other = _net()
     assert set(interpret.update_stats(net, other).values()) == {0.0}
     state = nnx.state(other)
-    state["blocks"][1]["wq"].value = state["blocks"][1]["wq"].value + 1.0
+    wq = state["blocks"]["wq"]  # stacked (layers, D, H*K): move block 1's slice only
+    wq[...] = wq[...].at[1].add(1.0)
     nnx.update(other, state)
     moved = interpret.update_stats(net, other)
     assert moved["update_rms/block1"] > 0 and moved["update_rms/block0"] == 0.0

@@ -1,4 +1,6 @@
-"""The Transformer: shapes, causality, every config knob, param counts, axes metadata."""
+"""The Transformer: shapes, causality, every config knob, param counts, axes metadata, and
+the scan over stacked blocks (same numbers as a per-layer loop; a program that does not
+grow with depth)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research.config import ModelConfig
+from research import config
+from research import sharding as shd
+from research.config import ModelConfig, d_ff, d_head
 from research.flops import param_counts
-from research.model import build, gelu
+from research.model import build, gelu, rope_tables
 
 V = 64  # vocab
 L = 16  # sequence length (= max_len)
 B = 2
 SEED = 0
-AXIS_NAMES = {"vocab", "embed", "heads", "mlp", None}
+AXIS_NAMES = {"layers", "vocab", "embed", "heads", "mlp", None}
+BLOCK_MATRICES = ("wq", "wk", "wv", "wo", "w_in", "w_out")
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -107,7 +112,11 @@ def test_norm_kinds(norm):
     assert model(tokens()).shape == (B, L, V)
     has_bias = hasattr(model.final_norm, "bias")
     assert has_bias == (norm == "layernorm")
-    assert hasattr(model.blocks[0].attn_norm, "bias") == (norm == "layernorm")
+    # The blocks' norms are stacked over the layers like their matrices.
+    assert model.blocks.attn_norm.scale[...].shape == (2, 32)
+    assert hasattr(model.blocks.attn_norm, "bias") == (norm == "layernorm")
+    if norm == "layernorm":
+        assert model.blocks.mlp_norm.bias[...].shape == (2, 32)
 
 
 def test_norm_kinds_differ():
@@ -160,22 +169,34 @@ def test_tie_embeddings(tie):
         assert model.unembed[...].shape == (32, V)
 
 
+def _n_blocks(model) -> int:
+    """Distinct blocks: the leading (layers) dim, which every stacked block weight shares."""
+    sizes = {x.shape[0] for x in jax.tree.leaves(nnx.state(model.blocks, nnx.Param))}
+    assert len(sizes) == 1, sizes
+    return sizes.pop()
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_share_layers_distinct_blocks(k):
     shared = build(tiny(n_layers=4, share_layers=k), V, L, SEED)
     full = build(tiny(n_layers=4, share_layers=0), V, L, SEED)
-    assert len(shared.blocks) == k
-    assert len(full.blocks) == 4
+    assert _n_blocks(shared) == k
+    assert _n_blocks(full) == 4
     assert n_params(shared) < n_params(full)
     assert shared(tokens()).shape == (B, L, V)
+    # Stacked blocks are drawn independently: no two slices alike.
+    wq = np.asarray(full.blocks.wq[...])
+    assert all(not np.allclose(wq[i], wq[j]) for i in range(4) for j in range(i))
 
 
 def test_share_layers_reuses_block_over_depth():
     """share_layers=1 with n_layers=2 equals an unshared 2-layer model whose blocks are copies."""
     shared = build(tiny(n_layers=2, share_layers=1), V, L, SEED)
     full = build(tiny(n_layers=2, share_layers=0), V, L, SEED + 1)
-    nnx.update(full, nnx.state(shared))  # embed, final norm, blocks[0]
-    nnx.update(full.blocks[1], nnx.state(shared.blocks[0]))
+    nnx.update(full, nnx.state(shared))  # embed, final norm (and, for now, the 1-block stack)
+    # Both layers of `full` get the shared block: its (1, ...) stack repeated to (2, ...).
+    nnx.update(full.blocks, jax.tree.map(lambda w: jnp.concatenate([w, w]), nnx.state(shared.blocks)))
+    assert _n_blocks(full) == 2
     toks = tokens()
     np.testing.assert_allclose(np.asarray(shared(toks)), np.asarray(full(toks)), rtol=1e-5, atol=1e-6)
     # And it is not a 1-layer model: applying the block once gives different logits.
@@ -184,36 +205,210 @@ def test_share_layers_reuses_block_over_depth():
     assert not np.allclose(np.asarray(shared(toks)), np.asarray(one(toks)), atol=1e-6)
 
 
-def _loss_and_grads(cfg: ModelConfig):
-    model = build(cfg, V, L, SEED)
+# ---------------------------------------------------------------- the scan over layers
+#
+# The blocks are one stacked layer run by `jax.lax.scan`. A per-layer Python loop over the
+# same weights (below) computes the same function, but not bitwise: XLA fuses the unrolled
+# loop's ops across block boundaries, and the scan body's on their own (measured: logits
+# ~1e-6 apart, gradients ~1e-7; so are remat's recomputed forwards, in some configs). The
+# comparisons are therefore bounded, by Higham's fp32 bound over the chain of roundings.
+
+U = 2.0**-24  # fp32 unit roundoff
+ALL_WEIGHTS = dict(norm="layernorm", pos="learned", tie_embeddings=False)  # biases, pos, unembed
+
+
+def _gamma(k: int) -> float:
+    """gamma_k = k u / (1 - k u): the relative error bound of k successive fp32 roundings
+    (Higham 2002, 3.1)."""
+    return k * U / (1 - k * U)
+
+
+def _chain(cfg: ModelConfig, length: int) -> int:
+    """Rounded operations along the forward's longest dependency chain, through every layer:
+    per block two norms (2 D each: the mean of squares, then the scale), the q/k/v projection
+    (D), the scores (K), the softmax and the weighted sum over L keys (3 L), the output
+    projection (H K = D), the MLP's two matmuls (D, then F) and a few elementwise ops (RoPE,
+    GELU, two residual adds: 16); then the final norm (2 D), the unembedding (D) and the
+    log-softmax over V (2 V)."""
+    D, K, F = cfg.d_model, d_head(cfg), d_ff(cfg)
+    block = 2 * D + D + K + 3 * length + D + 2 * D + D + F + 16
+    return cfg.n_layers * block + 2 * D + D + 2 * V
+
+
+def _logits_bound(model, x_BxLxD: jax.Array, k: int) -> np.ndarray:
+    """Elementwise bound on two fp32 evaluations of the logits differing: 2 gamma_k times the
+    unembedding's magnitude |h| @ |W|, h the final-normed last residual stream. Every earlier
+    rounding reaches the logits through h, and each norm on the way keeps a relative error
+    relative, so the chain's k roundings count against that one magnitude."""
+    Bx, Lx, D = x_BxLxD.shape
+    h_NxD = np.asarray(model.final_norm(x_BxLxD.reshape(Bx * Lx, D)) * model.logit_mult, np.float64)
+    w = model.embed[...].T if model.cfg.tie_embeddings else model.unembed[...]
+    return 2 * _gamma(k) * (np.abs(h_NxD) @ np.abs(np.asarray(w, np.float64))).reshape(Bx, Lx, -1)
+
+
+def _grad_bound(cfg: ModelConfig, g: np.ndarray, n_tokens: int, k: int) -> float:
+    """Bound on two fp32 evaluations of one gradient differing: the backward is as deep again
+    as the forward (2 k roundings), and every entry sums products over the tokens and the
+    layers that use the weight (at most n_tokens * n_layers terms), each taken to be at most
+    the largest entry (the scale test_attention uses). Loose (measured: ~1e-5 of it), but
+    a gradient that misses a use or takes the wrong block is off by the entry itself."""
+    return 2 * _gamma(2 * k) * np.abs(g).max() * n_tokens * cfg.n_layers
+
+
+def _per_layer(model, toks_BxL: jax.Array, which=lambda i, S: i % S):
+    """The reference forward, written out: embeddings (and positions), then a Python loop over
+    the layers in which layer i merges slice `which(i, S)` (i mod S) of the stacked block
+    weights into the same Block code and applies it, then the final norm and unembedding.
+    Returns (logits_BxLxV, the last residual stream x_BxLxD)."""
+    cfg, Lx = model.cfg, toks_BxL.shape[1]
+    S = cfg.share_layers or cfg.n_layers
+    x_BxLxD = jnp.take(model.embed[...], toks_BxL, axis=0)
+    rope = None
+    if cfg.pos == "learned":
+        x_BxLxD = x_BxLxD + model.pos_embed[...][:Lx][None]
+    else:
+        rope = rope_tables(Lx, d_head(cfg), cfg.rope_theta)
+    graphdef, stacked = nnx.split(model.blocks)
+    for i in range(cfg.n_layers):
+        block = nnx.merge(graphdef, jax.tree.map(lambda w: w[which(i, S)], stacked))
+        x_BxLxD = block(x_BxLxD, rope)
+    return model.decode(x_BxLxD), x_BxLxD
+
+
+def _scanned(model, toks_BxL: jax.Array):
+    """The model's own forward (the scan), shaped as `_per_layer`'s: (logits_BxLxV, None)."""
+    return model(toks_BxL), None
+
+
+def _loss_grads(model, forward, toks_BxL1: jax.Array):
+    """Jitted (loss, (logits, aux), grads) of the mean next-token cross-entropy of `forward`."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    toks = tokens(length=L + 1)
 
     def f(p):
-        return loss_fn(nnx.merge(graphdef, p, rest), toks)
+        logits_BxLxV, aux = forward(nnx.merge(graphdef, p, rest), toks_BxL1[:, :-1])
+        logp = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+        return -jnp.take_along_axis(logp, toks_BxL1[:, 1:, None], axis=-1).mean(), (logits_BxLxV, aux)
 
-    loss, grads = jax.jit(jax.value_and_grad(f))(params)
-    jaxpr = str(jax.make_jaxpr(jax.grad(f))(params))
-    return loss, grads, jaxpr
+    (loss, aux), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    return float(loss), aux, dict(nnx.to_flat_state(grads))
 
 
-def test_remat_block_matches_no_remat():
-    # Every kind of weight present: layernorm biases, learned positions, unembed.
-    cfg = tiny(norm="layernorm", pos="learned", tie_embeddings=False)
-    loss0, g0, jaxpr0 = _loss_and_grads(dataclasses.replace(cfg, remat="none"))
-    loss1, g1, jaxpr1 = _loss_and_grads(dataclasses.replace(cfg, remat="block"))
-    assert np.isfinite(float(loss0))
-    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5)
-    flat0 = nnx.to_flat_state(g0)
-    flat1 = dict(nnx.to_flat_state(g1))
-    assert len(flat0) == len(flat1) > 0
-    for path, a in flat0:
-        a, b = np.asarray(a[...]), np.asarray(flat1[path][...])
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=str(path))
-        assert np.abs(a).max() > 0, f"no gradient reaches {path}"
-    # remat="block" really rematerialises; "none" does not.
-    assert "remat" in jaxpr1 or "checkpoint" in jaxpr1
-    assert "remat" not in jaxpr0 and "checkpoint" not in jaxpr0
+def _assert_grads_within_bound(cfg, got: dict, want: dict, n_tokens: int, k: int) -> None:
+    assert got.keys() == want.keys() and got
+    for path in want:
+        a, b = np.asarray(got[path][...], np.float64), np.asarray(want[path][...], np.float64)
+        assert np.abs(b).max() > 0, f"no gradient reaches {path}"
+        bound = _grad_bound(cfg, b, n_tokens, k)
+        assert np.abs(a - b).max() <= bound, (path, np.abs(a - b).max(), bound)
+
+
+@pytest.mark.parametrize("share", [0, 2])
+@pytest.mark.parametrize("kind", ["default", "all-weights"])
+def test_scan_matches_a_per_layer_loop(share, kind):
+    """Logits, loss and every gradient of the scanned model equal a per-layer loop's, to
+    within fp32 rounding, at depth 4: its own block per layer, and 2 blocks taken in turn."""
+    cfg = tiny(n_layers=4, share_layers=share, init_std=0.2, **(ALL_WEIGHTS if kind != "default" else {}))
+    model = build(cfg, V, L, SEED)
+    toks = tokens(length=L + 1)
+    loss, (logits, _), grads = _loss_grads(model, _scanned, toks)
+    ref_loss, (ref_logits, ref_x), ref_grads = _loss_grads(model, _per_layer, toks)
+    k = _chain(cfg, L)
+    bound = _logits_bound(model, ref_x, k)
+    assert np.all(np.abs(np.asarray(logits, np.float64) - np.asarray(ref_logits)) <= bound)
+    # The loss moves by at most twice the logits' largest change, plus its own V + N sums.
+    assert abs(loss - ref_loss) <= 2 * bound.max() + 2 * _gamma(V + B * L) * abs(ref_loss)
+    _assert_grads_within_bound(cfg, grads, ref_grads, B * L, k)
+    # The bounds are tight enough to see a wrong block order (layer i running block i+1 mod S).
+    _, (wrong, _), wrong_grads = _loss_grads(
+        model, lambda m, t: _per_layer(m, t, lambda i, S: (i + 1) % S), toks)
+    assert np.any(np.abs(np.asarray(wrong, np.float64) - np.asarray(ref_logits)) > bound)
+    with pytest.raises(AssertionError):
+        _assert_grads_within_bound(cfg, wrong_grads, ref_grads, B * L, k)
+
+
+@pytest.mark.parametrize("share", [0, 2])
+@pytest.mark.parametrize("remat", [r for r in config.REMATS if r != "none"])
+def test_remat_matches_no_remat(share, remat):
+    """Rematerialising (each block, or keeping only its matmuls) changes memory, not math:
+    the same loss and gradients at depth 4, to within fp32 rounding."""
+    cfg = tiny(n_layers=4, share_layers=share, init_std=0.2, remat="none", **ALL_WEIGHTS)
+    toks = tokens(length=L + 1)
+    plain = build(cfg, V, L, SEED)
+    remat_model = build(dataclasses.replace(cfg, remat=remat), V, L, SEED)
+    loss0, (logits0, _), g0 = _loss_grads(plain, _scanned, toks)
+    loss1, (logits1, _), g1 = _loss_grads(remat_model, _scanned, toks)
+    k = _chain(cfg, L)
+    x_last = nnx.jit(lambda m, t: m.inspect(t, probs=False).resid[-1])(plain, toks[:, :-1])
+    bound = _logits_bound(plain, x_last, k)
+    assert np.all(np.abs(np.asarray(logits1, np.float64) - np.asarray(logits0)) <= bound)
+    assert abs(loss1 - loss0) <= 2 * bound.max() + 2 * _gamma(V + B * L) * abs(loss0)
+    _assert_grads_within_bound(cfg, g1, g0, B * L, k)
+    # remat really rematerialises; "none" does not.
+    jaxprs = []
+    for m in (plain, remat_model):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        jaxprs.append(str(jax.make_jaxpr(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), toks)))(params)))
+    assert "remat" not in jaxprs[0] and "checkpoint" not in jaxprs[0]
+    assert "remat" in jaxprs[1] or "checkpoint" in jaxprs[1]
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, nested ones (scan bodies, custom_vjp, remat) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    yield from _eqns(sub.jaxpr)
+
+
+def _programs(cfg: ModelConfig) -> tuple[str, int, int]:
+    """(the loss-and-gradient jaxpr's text, its number of equations, the random draws of the
+    initialiser's jaxpr), traced on abstract values: nothing runs."""
+    model = nnx.eval_shape(lambda: build(cfg, V, L, SEED))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    toks = tokens(length=L + 1)
+    step = jax.make_jaxpr(jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), toks)))(params)
+    init = jax.make_jaxpr(lambda: nnx.split(build(cfg, V, L, SEED)))()
+    draws = sum(e.primitive.name in ("random_bits", "threefry2x32") for e in _eqns(init.jaxpr))
+    return str(step), sum(1 for _ in _eqns(step.jaxpr)), draws
+
+
+@pytest.mark.parametrize("share", [0, 2])
+def test_program_does_not_grow_with_depth(share):
+    """4 or 16 layers: the same traced program (the scan holds one block), and an initialiser
+    that draws each stacked weight once, whatever the number of layers."""
+    text4, eqns4, draws4 = _programs(tiny(n_layers=4, share_layers=share, **ALL_WEIGHTS))
+    text16, eqns16, draws16 = _programs(tiny(n_layers=16, share_layers=share, **ALL_WEIGHTS))
+    assert eqns16 == eqns4
+    assert abs(len(text16) - len(text4)) <= 0.02 * len(text4)  # only shapes' digits differ
+    # embed, pos_embed, unembed and the 6 stacked block matrices (norms start at 1 and 0).
+    assert draws4 == draws16 == 3 + len(BLOCK_MATRICES)
+
+
+def test_taps_and_inspect_cover_every_layer():
+    """At depth 4 with 2 shared blocks: the coordinate check's taps name every layer, and
+    `inspect` returns every layer's residual stream and attention map, from the same scan."""
+    cfg = tiny(n_layers=4, share_layers=2, init_std=0.2)
+    model = build(cfg, V, L, SEED)
+    toks = tokens()
+    taps: dict = {}
+    logits = model(toks, taps=taps)
+    for i in range(4):
+        assert {f"block{i}", f"block{i}.attn", f"block{i}.mlp", f"block{i}.attn_logits"} <= taps.keys()
+    assert "block4" not in taps and {"embed", "logits"} <= taps.keys()
+    assert len({float(taps[f"block{i}"]) for i in range(4)}) == 4  # layers 0 and 2 share a block, not a value
+    ins = model.inspect(toks)
+    assert len(ins.resid) == cfg.n_layers + 1 and len(ins.attn) == cfg.n_layers
+    assert all(p.shape == (B, 4, L, L) for p in ins.attn)
+    np.testing.assert_allclose(np.asarray(ins.attn[3]).sum(-1), 1.0, atol=1e-5)
+    bound = _logits_bound(model, ins.resid[-1], _chain(cfg, L))
+    assert np.all(np.abs(np.asarray(model.decode(ins.resid[-1]), np.float64) - np.asarray(logits)) <= bound)
+    for i in range(4):  # the taps are the same layers' outputs: mean |resid| after block i
+        mean_abs = float(jnp.abs(ins.resid[i + 1]).mean())
+        assert float(taps[f"block{i}"]) == pytest.approx(mean_abs, rel=2 * _gamma(_chain(cfg, L) + B * L * cfg.d_model))
 
 
 # ---------------------------------------------------------------- dtype
@@ -258,8 +453,10 @@ def test_bfloat16_compute_params_stay_fp32():
     # ... but not identical: compute really ran in bfloat16.
     assert not np.array_equal(y16, y32)
     # Every matmul (projections, attention, MLP, unembedding) runs on bfloat16 operands.
+    # The scanned program holds one block whatever the depth: its 6 projections (and the
+    # attention kernel's own matmuls) once, plus the unembedding.
     dots16 = _dot_operand_dtypes(m16, toks)
-    assert len(dots16) >= 6 * cfg16.n_layers + 1
+    assert len(dots16) >= 6 + 1
     assert all(d == ("bfloat16", "bfloat16") for d in dots16), dots16
     assert all(d == ("float32", "float32") for d in _dot_operand_dtypes(m32, toks))
     # Params are still float32 after a forward pass.
@@ -292,22 +489,36 @@ def test_param_counts_match_model(cfg):
 
 @pytest.mark.parametrize(
     "cfg",
-    [tiny(norm="layernorm", pos="learned", tie_embeddings=False), tiny(share_layers=1)],
+    [tiny(norm="layernorm", pos="learned", tie_embeddings=False), tiny(n_layers=4, share_layers=2)],
     ids=["all-weights", "shared"],
 )
 def test_weights_carry_logical_axes(cfg):
     model = build(cfg, V, L, SEED)
-    seen = 0
-    for path, var in nnx.to_flat_state(nnx.state(model)):
+    S = cfg.share_layers or cfg.n_layers
+    matrices = stacked_vectors = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var[...]
-        if value.ndim < 2:
-            continue
-        seen += 1
         axes = var.get_metadata().get("axes")
         assert axes is not None, path
         assert len(axes) == value.ndim, (path, axes, value.shape)
         assert set(axes) <= AXIS_NAMES, (path, axes)
-    # embed (+ pos, unembed) and 6 matrices per distinct block.
-    expected = 1 + 6 * len(model.blocks)
-    expected += (cfg.pos == "learned") + (not cfg.tie_embeddings)
-    assert seen == expected
+        if path[0] == "blocks":  # stacked: the leading dim is the layers one, and only that
+            assert axes[0] == "layers" and value.shape[0] == S, (path, axes, value.shape)
+            assert "layers" not in axes[1:], (path, axes)
+            matrices += value.ndim == 3
+            stacked_vectors += value.ndim == 2
+        else:
+            assert "layers" not in axes, (path, axes)
+            matrices += value.ndim == 2
+    # embed (+ pos, unembed) and one stack of each of the 6 block matrices, however many
+    # distinct blocks; the blocks' norm scales (and biases) stacked too.
+    expected = 1 + len(BLOCK_MATRICES) + (cfg.pos == "learned") + (not cfg.tie_embeddings)
+    assert matrices == expected
+    assert stacked_vectors == 2 * (1 + (cfg.norm == "layernorm"))
+    # The layers dim is never sharded: every device holds every layer's shard of a weight,
+    # and the scan slices it locally. A 2x2x2 mesh would divide S = 2 if a rule asked.
+    assert shd.RULES["layers"] is None
+    abstract = nnx.split(nnx.eval_shape(lambda: build(cfg, V, L, SEED)))[1]
+    specs = shd.param_shardings(abstract, shd.make_mesh((2, 2, 2)))
+    for path, sharding in jax.tree_util.tree_leaves_with_path(specs["blocks"]):
+        assert tuple(sharding.spec)[0] is None, (path, sharding.spec)

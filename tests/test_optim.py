@@ -101,9 +101,18 @@ def _tiny_params():
     return nnx.split(m)[1].to_pure_dict()
 
 
+def _is_matrix(path, leaf) -> bool:
+    """A weight matrix, not a norm scale or bias. Block weights (under `blocks`) carry a
+    leading layers dim (model.Block): a stacked matrix is 3-D, a stacked vector 2-D."""
+    stacked = getattr(path[0], "key", None) == "blocks"
+    return leaf.ndim - stacked >= 2
+
+
 def test_decay_mask_matrices_only():
     params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4), "scale": jnp.ones(3), "t": jnp.ones((2, 2, 2))}
     assert optim.decay_mask(params) == {"w": True, "b": False, "scale": False, "t": True}
+    stacked = {"blocks": {"wq": jnp.ones((4, 3, 3)), "norm": {"scale": jnp.ones((4, 3)), "bias": jnp.ones((4, 3))}}}
+    assert optim.decay_mask(stacked) == {"blocks": {"wq": True, "norm": {"scale": False, "bias": False}}}
 
     real = _tiny_params()
     mask = optim.decay_mask(real)
@@ -111,10 +120,11 @@ def test_decay_mask_matrices_only():
     flat_mask = dict(jax.tree_util.tree_leaves_with_path(mask))
     names = {jax.tree_util.keystr(k): v for k, v in flat_mask.items()}
     assert any(names.values()) and not all(names.values())
+    assert any(leaf.ndim == 2 and "blocks" in jax.tree_util.keystr(path) for path, leaf in flat.items())
     for path, leaf in flat.items():
         key = jax.tree_util.keystr(path)
-        assert flat_mask[path] == (leaf.ndim >= 2), key
-        if "norm" in key:
+        assert flat_mask[path] == _is_matrix(path, leaf), key
+        if "norm" in key:  # the blocks' stacked (layers, D) norm scales too
             assert not flat_mask[path], key
         if "embed" in key or "wq" in key:
             assert flat_mask[path], key
@@ -129,14 +139,19 @@ def test_weight_decay_skips_vectors(name, clip):
     opt = optim.make_optimizer(o, optim.make_schedule(ScheduleConfig(warmup=0), 1e-2, 100))
     grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    vectors = 0
     for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
         key = jax.tree_util.keystr(path)
-        if p.ndim < 2:
+        if not _is_matrix(path, p):  # norm scales, in the blocks (stacked, 2-D) and the final one
+            vectors += 1
             assert np.all(np.asarray(u) == 0), key
         else:
             assert np.any(np.asarray(u) != 0), key
+            if "blocks" in key:  # every layer's slice of a stacked matrix decays
+                assert np.all(np.any(np.asarray(u) != 0, axis=(1, 2))), key
             # Decoupled decay shrinks weights towards zero.
             assert float(jnp.sum(u * p)) < 0, key
+    assert vectors >= 3  # the blocks' two stacked norm scales and the final norm's, at least
 
 
 def test_no_weight_decay_means_no_update_on_zero_grads():

@@ -15,6 +15,7 @@ from research import sharding as shd
 from research import step as steplib
 from research.attention import chunked_attention, xla_attention
 from research.config import Config, ConfigError, ModelConfig, OptimConfig, ParamConfig, ScheduleConfig
+from research.checkpoint import PARAM_LAYOUT
 from research.train import check_compatible
 from tests.conftest import TINY, compose, train_steps
 
@@ -80,19 +81,20 @@ def test_rules_at_4x_width_and_depth():
     half = _cfg("completep", alpha=0.5)
     assert param.multipliers(half.model, half.param).residual == pytest.approx(0.5)  # depth-muP
 
+    # One scale per stacked block weight: it applies to that weight in all 8 layers.
     s = _scales(_cfg("mup"))
-    assert s["lr"]["blocks"][0]["wq"] == 0.25 and s["lr"]["blocks"][7]["w_out"] == 0.25
+    assert s["lr"]["blocks"]["wq"] == 0.25 and s["lr"]["blocks"]["w_out"] == 0.25
     assert s["lr"]["embed"] == 1.0 and s["lr"]["final_norm"]["scale"] == 1.0
-    assert s["lr"]["blocks"][3]["attn_norm"]["scale"] == 1.0
-    assert s["decay"]["blocks"][0]["wq"] == 1.0 and s["eps"] == 1.0  # lr * wd independent of width
+    assert s["lr"]["blocks"]["attn_norm"]["scale"] == 1.0  # a stacked vector, (8, D): no width factor
+    assert s["decay"]["blocks"]["wq"] == 1.0 and s["eps"] == 1.0  # lr * wd independent of width
     s = _scales(half)
-    assert s["lr"]["blocks"][0]["wq"] == pytest.approx(0.25 * 4**-0.5)
-    assert s["lr"]["blocks"][0]["mlp_norm"]["scale"] == pytest.approx(4**-0.5)
-    assert s["decay"]["blocks"][0]["wq"] == pytest.approx(4**-0.5) and s["lr"]["embed"] == 1.0
+    assert s["lr"]["blocks"]["wq"] == pytest.approx(0.25 * 4**-0.5)
+    assert s["lr"]["blocks"]["mlp_norm"]["scale"] == pytest.approx(4**-0.5)
+    assert s["decay"]["blocks"]["wq"] == pytest.approx(4**-0.5) and s["lr"]["embed"] == 1.0
     assert s["eps"] == pytest.approx(0.25 * 4**-0.5)
-    assert _scales(_cfg("completep"))["lr"]["blocks"][0]["wv"] == 0.25  # alpha = 1: no depth lr factor
+    assert _scales(_cfg("completep"))["lr"]["blocks"]["wv"] == 0.25  # alpha = 1: no depth lr factor
     s = _scales(_cfg("mup", optim_name="sgd", tie_embeddings=False))
-    assert s["lr"]["blocks"][0]["wq"] == 1.0 and s["lr"]["embed"] == 4.0 and s["lr"]["unembed"] == 4.0
+    assert s["lr"]["blocks"]["wq"] == 1.0 and s["lr"]["embed"] == 4.0 and s["lr"]["unembed"] == 4.0
     assert param.optim_scales(_cfg("sp"), {"embed": jnp.zeros((2, 2))}) is None
 
 
@@ -100,8 +102,9 @@ def test_init_follows_the_rule():
     cfg = _cfg("mup", d_model=128, n_layers=1)  # 4x base width: std / 2
     build = lambda: nnx.split(model.build(cfg.model, 64, 16, 0, cfg.param))[1].to_pure_dict()  # noqa: E731
     stds = jax.jit(lambda: jax.tree.map(jnp.std, build()))()
-    assert float(stds["blocks"][0]["w_in"]) == pytest.approx(0.02 / 2, rel=0.05)
-    assert float(stds["blocks"][0]["wo"]) == pytest.approx(0.02 / np.sqrt(2) / 2, rel=0.05)
+    # The stacked block weights (one layer here: shape (1, ...)) follow the hidden rule.
+    assert float(stds["blocks"]["w_in"]) == pytest.approx(0.02 / 2, rel=0.05)
+    assert float(stds["blocks"]["wo"]) == pytest.approx(0.02 / np.sqrt(2) / 2, rel=0.05)
     assert float(stds["embed"]) == pytest.approx(0.02, rel=0.05)  # embeddings do not scale
 
 
@@ -109,8 +112,9 @@ def test_lr_and_decay_scales_reach_the_update():
     # One Adam step: every entry moves by lr * scale (|m / sqrt(v)| = 1 at step 1);
     # with a zero gradient only decay moves the weights, by lr * wd * decay scale.
     cfg = _cfg("completep", alpha=0.5, n_layers=8)
+    # Block weights as the model stores them: stacked over the layers (here 2 distinct blocks).
     params = {"embed": jnp.ones((64, 128)),
-              "blocks": {0: {"wq": jnp.ones((128, 128)), "attn_norm": {"scale": jnp.ones((128,))}}}}
+              "blocks": {"wq": jnp.ones((2, 128, 128)), "attn_norm": {"scale": jnp.ones((2, 128))}}}
     o = OptimConfig(lr=1e-2, weight_decay=0.5, eps=1e-12, clip=0)
     schedule = optim.make_schedule(ScheduleConfig(name="constant", warmup=0), 1e-2, 10)
     opt = optim.make_optimizer(o, schedule, param.optim_scales(cfg, params))
@@ -118,11 +122,12 @@ def test_lr_and_decay_scales_reach_the_update():
     upd = update(jax.tree.map(lambda p: -jnp.ones_like(p), params))
     lr_wq = 1e-2 * 0.25 * 0.5  # lr m_N^-1 m_L^(alpha-1), m_N = m_L = 4
     wd_wq = 1e-2 * 0.5 * 0.5  # lr wd m_L^(alpha-1): no width factor
-    assert float(upd["blocks"][0]["wq"][0, 0]) == pytest.approx(lr_wq - wd_wq, rel=1e-4)
+    np.testing.assert_allclose(upd["blocks"]["wq"], lr_wq - wd_wq, rtol=1e-4)  # every layer's slice
     assert float(upd["embed"][0, 0]) == pytest.approx(1e-2 - 1e-2 * 0.5, rel=1e-4)
-    assert float(upd["blocks"][0]["attn_norm"]["scale"][0]) == pytest.approx(1e-2 * 0.5, rel=1e-4)  # no decay
+    np.testing.assert_allclose(upd["blocks"]["attn_norm"]["scale"], 1e-2 * 0.5, rtol=1e-4)  # no decay
     zero = update(jax.tree.map(jnp.zeros_like, params))
-    assert float(zero["blocks"][0]["wq"][0, 0]) == pytest.approx(-wd_wq, rel=1e-4)
+    np.testing.assert_allclose(zero["blocks"]["wq"], -wd_wq, rtol=1e-4)
+    assert np.all(np.asarray(zero["blocks"]["attn_norm"]["scale"]) == 0)  # stacked vectors: no decay
 
 
 def test_attention_scale_reaches_every_kernel():
@@ -150,7 +155,7 @@ def test_resume_refuses_another_parameterization():
     cfg = config.parse(compose(*TINY, "param=mup"))
     old = dataclasses.asdict(config.parse(compose(*TINY)))
     del old["param"]  # a checkpoint written before the param group existed reads as sp
-    meta = {"config": old, "vocab_size": 64}
+    meta = {"config": old, "vocab_size": 64, "param_layout": PARAM_LAYOUT}
     check_compatible(meta, config.parse(compose(*TINY)), 64, "ckpt", "checkpoint.resume")
     with pytest.raises(ConfigError, match="param.name"):
         check_compatible(meta, cfg, 64, "ckpt", "checkpoint.resume")
@@ -160,8 +165,11 @@ def test_resume_refuses_another_parameterization():
 def test_describe_lists_every_weight_once():
     cfg = _cfg("mup")
     text = param.describe(cfg, _abstract_params(cfg))
-    assert text.count("blocks.*.wq") == 1
-    row = next(line for line in text.splitlines() if "blocks.*.wq" in line)
-    assert "hidden" in row and "0.25" in row
+    # One row per stacked block weight, its shape with the leading layers dim.
+    assert text.count("blocks.wq ") == 1
+    row = next(line for line in text.splitlines() if "blocks.wq " in line)
+    assert "(8, 128, 128)" in row and "hidden" in row and "0.25" in row
+    row = next(line for line in text.splitlines() if "blocks.attn_norm.scale " in line)
+    assert "(8, 128)" in row and "block_vector" in row and row.rstrip().endswith("-")  # no decay
     assert "output logits x 0.25" in text
     assert param.describe(_cfg("sp"), _abstract_params(cfg)).startswith("param sp")

@@ -17,7 +17,10 @@ from research.config import ConfigError, MeshConfig
 from tests.conftest import TINY, compose
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)]
-OVERRIDES = (*TINY, "train.log_every=1", "model.tie_embeddings=false", "model.d_model=64")
+# 4 layers, each its own block (the scan over stacked weights; test_checkpoint's mesh
+# restore runs shared blocks).
+OVERRIDES = (*TINY, "train.log_every=1", "model.tie_embeddings=false", "model.d_model=64",
+             "model.n_layers=4")
 
 
 def _losses(run_dir) -> np.ndarray:
@@ -54,14 +57,23 @@ def test_params_are_actually_sharded():
     from research import model
     from research.config import ModelConfig
 
-    cfg = ModelConfig(d_model=64, n_layers=1, n_heads=4, tie_embeddings=False)
+    # Two layers: a mesh axis of 2 would divide the stacked blocks' layers dim, were it split.
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, tie_embeddings=False)
     abstract = nnx.split(nnx.eval_shape(lambda: model.build(cfg, 256, 32, 0)))[1]
     mesh = shd.make_mesh((2, 2, 2))
-    specs = jax.tree.map(lambda s: tuple(s.spec), shd.param_shardings(abstract, mesh))
-    assert specs["blocks"][0]["w_in"] == ("fsdp", "tensor")
-    assert specs["blocks"][0]["wo"] == ("tensor", "fsdp")
+    shardings = shd.param_shardings(abstract, mesh)
+    specs = jax.tree.map(lambda s: tuple(s.spec), shardings)
+    # Stacked block weights: the layers dim whole on every device, the others split.
+    assert specs["blocks"]["wq"] == (None, "fsdp", "tensor")
+    assert specs["blocks"]["w_in"] == (None, "fsdp", "tensor")
+    assert specs["blocks"]["wo"] == (None, "tensor", "fsdp")
+    assert specs["blocks"]["w_out"] == (None, "tensor", "fsdp")
     assert specs["unembed"] == ("fsdp", "tensor")
-    assert specs["blocks"][0]["attn_norm"]["scale"] == (None,)
+    assert specs["blocks"]["attn_norm"]["scale"] == (None, None)
+    # What each device holds: both layers' quarter of w_in (D/2 x F/2), and the whole norm stack.
+    assert shardings["blocks"]["w_in"].shard_shape((2, 64, 256)) == (2, 32, 128)
+    assert shardings["blocks"]["wo"].shard_shape((2, 64, 64)) == (2, 32, 32)
+    assert shardings["blocks"]["attn_norm"]["scale"].shard_shape((2, 64)) == (2, 64)
 
 
 def test_mesh_shape_resolves_and_rejects():

@@ -1,11 +1,13 @@
 """Per-layer RMS statistics (`train.stats_every`): right values, and training untouched by them."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import config, data, step as steplib
+from research import config, data, train, step as steplib
 from research import sharding as shd
 from research.stats import StatsStep, param_groups, update_rms
 from tests.conftest import TINY, compose
@@ -53,9 +55,30 @@ def test_stats_leave_training_bitwise_unchanged_and_measure_the_update():
 
 
 def test_update_rms_is_zero_for_no_change():
-    params = {"embed": jnp.ones((4, 2)), "blocks": {0: {"w": jnp.ones(3)}}}
-    moved = {"embed": jnp.ones((4, 2)), "blocks": {0: {"w": jnp.array([1.0, 1.0, 4.0])}}}
-    assert float(update_rms(params, params)["update_rms/block0"]) == 0.0
+    # Block weights are stacked (model.Block): block{i} is slice i of every one of them.
+    params = {"embed": jnp.ones((4, 2)), "blocks": {"w": jnp.ones((2, 3)), "norm": {"scale": jnp.ones((2, 3))}}}
+    moved = {"embed": jnp.ones((4, 2)),
+             "blocks": {"w": jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 4.0]]), "norm": {"scale": jnp.ones((2, 3))}}}
+    assert set(update_rms(params, params)) == {"update_rms/embed", "update_rms/block0", "update_rms/block1"}
+    assert float(update_rms(params, params)["update_rms/block1"]) == 0.0
     rms = update_rms(params, moved)
     assert float(rms["update_rms/embed"]) == 0.0
-    assert float(rms["update_rms/block0"]) == pytest.approx(np.sqrt(9 / 3))
+    assert float(rms["update_rms/block0"]) == 0.0  # only block 1 moved
+    assert float(rms["update_rms/block1"]) == pytest.approx(np.sqrt(9 / 6))  # over both its weights
+
+
+def test_training_logs_stats_of_every_distinct_block_and_layer(tmp_path):
+    """Depth 4 with 2 shared blocks: update RMS per distinct block (slices of the stack),
+    activation RMS after every layer (the scan's residual streams)."""
+    train.run(compose(*TINY, "model.n_layers=4", "model.share_layers=2", "train.stats_every=10",
+                      "mesh=single"), tmp_path, devices=jax.devices()[:1])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    stats = [r for r in rows if any(k.startswith("update_rms/") for k in r)]
+    assert [r["step"] for r in stats] == [10, 20]
+    for r in stats:
+        assert sorted(k for k in r if k.startswith("update_rms/block")) == ["update_rms/block0", "update_rms/block1"]
+        assert sorted(k for k in r if k.startswith("act_rms/")) == [f"act_rms/resid{i}" for i in range(5)]
+        assert r["update_rms/block0"] > 0 and r["update_rms/block1"] > 0
+        assert r["update_rms/block0"] != r["update_rms/block1"]  # two blocks, two updates
+        assert all(r[f"act_rms/resid{i}"] > 0 for i in range(5))
+        assert len({r[f"act_rms/resid{i}"] for i in range(5)}) == 5  # layers 0 and 2 share a block, not a stream
