@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
+
 from research.config import ConfigError
 from research.kernels import ATTENTION, MATMUL, Context, MatmulKernel
 from research.plugins import Plugin
@@ -62,11 +64,14 @@ def kernels_unavailable(ctx: Context) -> str | None:
     return kernels.unavailable()
 
 
-def _attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=None):
+def _attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, scale=None):
     from ladder_cpu import kernels
 
     scale = q_BxLxHxK.shape[-1] ** -0.5 if scale is None else scale
-    return kernels.causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale)
+    H, G = q_BxLxHxK.shape[2], k_BxLxGxK.shape[2]
+    if G != H:  # grouped-query: the kernel wants a key/value head per query head
+        k_BxLxGxK, v_BxLxGxK = (jnp.repeat(x, H // G, axis=2) for x in (k_BxLxGxK, v_BxLxGxK))
+    return kernels.causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, scale)
 
 
 def _norm(x_NxD, scale_D, bias_D, eps):

@@ -24,6 +24,8 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block", "dots")
+MLPS = ("gelu", "swiglu")
+SWIGLU_MULTIPLE = 64  # swiglu's default hidden width is rounded to a multiple of this (d_ff)
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,10 @@ class ModelConfig:
     n_layers: int = 2
     n_heads: int = 4
     mlp_ratio: float = 4.0
+    mlp: str = "gelu"  # gelu, or swiglu (gate and up projections, SiLU, down projection)
+    mlp_hidden: int | None = None  # the MLP's hidden width exactly; null = from mlp_ratio (d_ff)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); null = n_heads, 1 = multi-query
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys, before RoPE
     norm: str = "rmsnorm"
     pos: str = "rope"
     tie_embeddings: bool = True
@@ -74,6 +80,7 @@ class OptimConfig:
     eps: float = 1e-8
     clip: float = 1.0  # global-norm clip; 0 = off
     accum: int = 1  # microbatches per step
+    z_loss: float = 0.0  # coefficient of the auxiliary log(Z)^2 loss on the output logits; 0 = off
 
 
 @dataclass
@@ -210,6 +217,7 @@ def validate(cfg: Config) -> None:
     _one_of("model.pos", m.pos, POSITIONS)
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.remat", m.remat, REMATS)
+    _one_of("model.mlp", m.mlp, MLPS)
     names = registered_names(cfg.plugins, cfg.plugin_options)
     _one_of("model.attention", m.attention, ("auto", *names["attention"]))
     _one_of("model.matmul", m.matmul, ("auto", *names["matmul"]))
@@ -231,6 +239,13 @@ def validate(cfg: Config) -> None:
             "model.pos", f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"
         )
     _positive("model.mlp_ratio", m.mlp_ratio)
+    if m.mlp_hidden is not None:
+        _positive("model.mlp_hidden", m.mlp_hidden)
+    if m.n_kv_heads is not None:
+        _positive("model.n_kv_heads", m.n_kv_heads)
+        if m.n_heads % m.n_kv_heads:
+            raise ConfigError("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
+                              "use a divisor of it (1 = multi-query, null = n_heads)")
     _positive("model.scan_unroll", m.scan_unroll)
     if not 0 <= m.share_layers <= m.n_layers:
         raise ConfigError(
@@ -249,6 +264,7 @@ def validate(cfg: Config) -> None:
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
     _positive("optim.clip", o.clip, zero_ok=True)
+    _positive("optim.z_loss", o.z_loss, zero_ok=True)
     _positive("optim.accum", o.accum)
     for name in ("b1", "b2"):
         if not 0 <= getattr(o, name) < 1:
@@ -349,5 +365,18 @@ def d_head(m: ModelConfig) -> int:
     return m.d_model // m.n_heads
 
 
+def kv_heads(m: ModelConfig) -> int:
+    """Key/value heads: `n_kv_heads`, or one per query head."""
+    return m.n_kv_heads or m.n_heads
+
+
 def d_ff(m: ModelConfig) -> int:
-    return int(round(m.d_model * m.mlp_ratio))
+    """The MLP's hidden width: `mlp_hidden` when set; else d_model x mlp_ratio for gelu, and
+    for swiglu 2/3 of that (its three matrices then hold as many params as gelu's two),
+    rounded to the nearest multiple of SWIGLU_MULTIPLE, at least one multiple."""
+    if m.mlp_hidden is not None:
+        return m.mlp_hidden
+    width = m.d_model * m.mlp_ratio
+    if m.mlp == "swiglu":
+        return max(SWIGLU_MULTIPLE, SWIGLU_MULTIPLE * int(round(2 * width / 3 / SWIGLU_MULTIPLE)))
+    return int(round(width))

@@ -1,8 +1,9 @@
 """Parameter counts, model FLOPs per token, and the peak that MFU divides by.
 
 FLOPs follow PaLM's accounting (Chowdhery et al. 2022, appendix B): a
-training token costs 6 * N + 12 * L * H * Q * T, with L layers, H heads, Q
-head dim, T sequence length. N is the non-embedding params as applied per
+training token costs 6 * N + 12 * L * H * Q * T, with L layers, H (query) heads,
+Q head dim, T sequence length; grouped-query attention shrinks N (the k and v
+projections), not the attention term, which every query head pays. N is the non-embedding params as applied per
 token (a shared block counts at every layer it runs; norm scales included,
 as in Kaplan et al.'s 6N) plus the output projection, which is a matmul
 whether tied or not. Embedding lookups are free.
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.config import Config, ConfigError, ModelConfig, d_ff, d_head
+from research.config import Config, ConfigError, ModelConfig, d_ff, d_head, kv_heads
 
 # Dense bf16 peak FLOP/s per device, from vendor datasheets (no sparsity).
 # Matched as whole words against device_kind, most specific first.
@@ -48,9 +49,12 @@ def param_counts(cfg: ModelConfig, vocab_size: int, seq_len: int) -> dict[str, i
     untied unembedding (Kaplan et al. 2020's N); `matmul_params` is the N of
     the FLOP formula (see the module docstring).
     """
-    D, V = cfg.d_model, vocab_size
+    D, V, H, G, K = cfg.d_model, vocab_size, cfg.n_heads, kv_heads(cfg), d_head(cfg)
     norm = D * (2 if cfg.norm == "layernorm" else 1)
-    block = 4 * D * D + 2 * D * d_ff(cfg) + 2 * norm
+    attn = 2 * D * H * K + 2 * D * G * K  # q and the output; k and v (G heads: grouped-query)
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * D * d_ff(cfg)  # swiglu: gate, up and down
+    qk_norm = 2 * K if cfg.qk_norm else 0
+    block = attn + mlp + 2 * norm + qk_norm
     blocks = block * (cfg.share_layers or cfg.n_layers)
     embed = V * D + (seq_len * D if cfg.pos == "learned" else 0)
     unembed = 0 if cfg.tie_embeddings else D * V

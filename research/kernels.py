@@ -1,7 +1,8 @@
 """Kernel registries: who runs attention and the 2-D matmuls, chosen by name.
 
-  ATTENTION  name -> fn(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, scale=None) -> o_BxLxHxK
-             (causal; `scale`, a keyword, multiplies q.k; None = 1/sqrt(K))
+  ATTENTION  name -> fn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, scale=None) -> o_BxLxHxK
+             (causal; `scale`, a keyword, multiplies q.k; None = 1/sqrt(K); k and v
+             may have G < H heads, G dividing H: query head h reads kv head h // (H/G))
   MATMUL     name -> MatmulKernel: `group(x_NxD, ws) -> tuple of x @ w`, and
              optionally the norms (`norm`), which a matmul kernel may fuse
 

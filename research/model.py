@@ -1,10 +1,11 @@
-"""Flax NNX decoder-only Transformer (pre-norm, causal self-attention, GELU MLP).
+"""Flax NNX decoder-only Transformer (pre-norm, causal self-attention, GELU or SwiGLU MLP).
 
 Tensor names carry their shapes. Single-letter dimensions:
   B  batch (sequences)          L  sequence length
   N  B * L, flattened tokens    D  d_model (residual width)
   H  attention heads            K  head dim (D / H)
-  F  MLP hidden width           V  vocabulary size
+  G  key/value heads (G | H)    F  MLP hidden width
+  V  vocabulary size
 
 Matmuls are written on 2-D operands (N, D) @ (D, F): XLA's CPU dots are much
 faster that way than on 3-D (B, L, D) operands, and GPUs do not mind. Who runs
@@ -34,8 +35,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from research import kernels, param
-from research.attention import attention_probs, mean_abs_logits
-from research.config import ModelConfig, ParamConfig, d_ff, d_head
+from research.attention import attend, attention_probs, mean_abs_logits
+from research.config import ModelConfig, ParamConfig, d_ff, d_head, kv_heads
 
 # constrain(x, kind) pins a sharding: kind "act" for the (B, L, D) residual
 # stream, "whole" for a weight that must be gathered before use.
@@ -137,35 +138,48 @@ class Block(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, mult: param.Multipliers, rngs: nnx.Rngs, stack: int):
-        D, H, K, F, S = cfg.d_model, cfg.n_heads, d_head(cfg), d_ff(cfg), stack
+        D, H, G, K, F, S = cfg.d_model, cfg.n_heads, kv_heads(cfg), d_head(cfg), d_ff(cfg), stack
         std, out_std = mult.hidden_std, mult.out_std
         self.n_heads, self.dtype, self.attention = H, jnp.dtype(cfg.dtype), cfg.attention
-        self.matmul = cfg.matmul
+        self.matmul, self.mlp = cfg.matmul, cfg.mlp
         self.residual, self.attn_scale = mult.residual, mult.attn_scale
         self.attn_norm = Norm(D, cfg.norm, cfg.matmul, stack=S)
         self.wq = _param(rngs, (S, D, H * K), ("layers", "embed", "heads"), std)
-        self.wk = _param(rngs, (S, D, H * K), ("layers", "embed", "heads"), std)
-        self.wv = _param(rngs, (S, D, H * K), ("layers", "embed", "heads"), std)
+        self.wk = _param(rngs, (S, D, G * K), ("layers", "embed", "kv_heads"), std)
+        self.wv = _param(rngs, (S, D, G * K), ("layers", "embed", "kv_heads"), std)
         self.wo = _param(rngs, (S, H * K, D), ("layers", "heads", "embed"), out_std)
         self.mlp_norm = Norm(D, cfg.norm, cfg.matmul, stack=S)
-        self.w_in = _param(rngs, (S, D, F), ("layers", "embed", "mlp"), std)
+        self.w_in = _param(rngs, (S, D, F), ("layers", "embed", "mlp"), std)  # swiglu: the up projection
         self.w_out = _param(rngs, (S, F, D), ("layers", "mlp", "embed"), out_std)
+        # Drawn after the weights every block has, so those keep their values when these are off.
+        if cfg.mlp == "swiglu":
+            self.w_gate = _param(rngs, (S, D, F), ("layers", "embed", "mlp"), std)
+        if cfg.qk_norm:  # per-head RMSNorm gains, in XLA whatever the matmul kernel
+            self.q_norm = Norm(K, "rmsnorm", "xla", stack=S)
+            self.k_norm = Norm(K, "rmsnorm", "xla", stack=S)
 
     def _mm(self, x_NxD: jax.Array, p: nnx.Param) -> jax.Array:
         return checkpoint_name(kernels.matmul(self.matmul)(x_NxD, p[...].astype(self.dtype)), "matmul")
 
+    def _mms(self, x_NxD: jax.Array, *ps: nnx.Param) -> tuple[jax.Array, ...]:
+        """x @ p for each p, in one call of the matmul kernel's group."""
+        ws = tuple(p[...].astype(self.dtype) for p in ps)
+        return tuple(checkpoint_name(y, "matmul") for y in kernels.matmul(self.matmul).group(x_NxD, ws))
+
     def _qkv(self, x_BxLxD: jax.Array, rope: tuple | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q (B, L, H, K); k and v (B, L, G, K)."""
         B, L, D = x_BxLxD.shape
-        H = self.n_heads
         h_NxD = self.attn_norm(x_BxLxD.reshape(B * L, D))
-        ws = tuple(p[...].astype(self.dtype) for p in (self.wq, self.wk, self.wv))
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-            checkpoint_name(y_NxF, "matmul").reshape(B, L, H, -1)
-            for y_NxF in kernels.matmul(self.matmul).group(h_NxD, ws))
+        q_NxHK, k_NxGK, v_NxGK = self._mms(h_NxD, self.wq, self.wk, self.wv)
+        K = D // self.n_heads
+        if hasattr(self, "q_norm"):
+            q_NxHK = self.q_norm(q_NxHK.reshape(-1, K)).reshape(q_NxHK.shape)
+            k_NxGK = self.k_norm(k_NxGK.reshape(-1, K)).reshape(k_NxGK.shape)
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (y.reshape(B, L, -1, K) for y in (q_NxHK, k_NxGK, v_NxGK))
         if rope is not None:
             q_BxLxHxK = apply_rope(q_BxLxHxK, *rope)
-            k_BxLxHxK = apply_rope(k_BxLxHxK, *rope)
-        return q_BxLxHxK, k_BxLxHxK, v_BxLxHxK
+            k_BxLxGxK = apply_rope(k_BxLxGxK, *rope)
+        return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
 
     def _rest(self, x_BxLxD: jax.Array, o_BxLxHxK: jax.Array, taps: Taps | None = None,
               name: str = "block") -> jax.Array:
@@ -174,7 +188,12 @@ class Block(nnx.Module):
         # CompleteP scales each branch by m_L^-alpha (1 under sp and mup).
         attn_NxD = self.residual * self._mm(o_BxLxHxK.reshape(B * L, -1), self.wo)
         x_NxD = x_BxLxD.reshape(B * L, D) + attn_NxD
-        h_NxF = gelu(self._mm(self.mlp_norm(x_NxD), self.w_in))
+        h_NxD = self.mlp_norm(x_NxD)
+        if self.mlp == "swiglu":
+            gate_NxF, up_NxF = self._mms(h_NxD, self.w_gate, self.w_in)
+            h_NxF = jax.nn.silu(gate_NxF) * up_NxF
+        else:
+            h_NxF = gelu(self._mm(h_NxD, self.w_in))
         mlp_NxD = self.residual * self._mm(h_NxF, self.w_out)
         x_NxD = x_NxD + mlp_NxD
         _tap(taps, f"{name}.attn", attn_NxD)
@@ -184,10 +203,10 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, rope: tuple | None, taps: Taps | None = None,
                  name: str = "block") -> jax.Array:
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, rope)
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, rope)
         if taps is not None:
-            taps[f"{name}.attn_logits"] = mean_abs_logits(q_BxLxHxK, k_BxLxHxK, self.attn_scale)
-        o_BxLxHxK = kernels.attention(self.attention)(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+            taps[f"{name}.attn_logits"] = mean_abs_logits(q_BxLxHxK, k_BxLxGxK, self.attn_scale)
+        o_BxLxHxK = kernels.attention(self.attention)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
                                                       scale=self.attn_scale)
         o_BxLxHxK = checkpoint_name(o_BxLxHxK, "attention")
         return self._rest(x_BxLxD, o_BxLxHxK, taps, name)
@@ -197,10 +216,9 @@ class Block(nnx.Module):
 
         For interpretation only: the (L, L) matrices cost memory the training kernels avoid.
         """
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, rope)
-        p_BxHxLxL = attention_probs(q_BxLxHxK, k_BxLxHxK, self.attn_scale)
-        o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL.astype(v_BxLxHxK.dtype), v_BxLxHxK)
-        return self._rest(x_BxLxD, o_BxLxHxK), p_BxHxLxL
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, rope)
+        p_BxHxLxL = attention_probs(q_BxLxHxK, k_BxLxGxK, self.attn_scale)
+        return self._rest(x_BxLxD, attend(p_BxHxLxL, v_BxLxGxK)), p_BxHxLxL
 
 
 class Inspection(NamedTuple):

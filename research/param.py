@@ -16,13 +16,14 @@ With m_N = d_model / base_width, m_L = n_layers / base_depth, s = init_std,
 K = head dim and K_b its value at base width:
 
   rule                                  sp            mup                 completep
-  init std q, k, v, w_in                s             s m_N^-1/2          s m_N^-1/2
+  init std q, k, v, w_in, w_gate        s             s m_N^-1/2          s m_N^-1/2
   init std wo, w_out                    s/sqrt(2L)    s/sqrt(2L) m_N^-1/2 s/sqrt(2 L_base) m_N^-1/2
   attention logits                      q.k/sqrt(K)   q.k sqrt(K_b)/K     q.k sqrt(K_b)/K
   output logits                         h W           h W / m_N           h W / m_N
   residual branch                       x + f(x)      x + f(x)            x + m_L^-alpha f(x)
   lr: matrices inside blocks (Adam)     1             1/m_N               m_N^-1 m_L^(alpha-1)
   lr: norm gains inside blocks (Adam)   1             1                   m_L^(alpha-1)
+      (the QK-norm gains too)
   lr: embeddings, readout, final norm   1             1                   1
   Adam eps (optim.eps, adamw)           1             1                   m_N^-1 m_L^-alpha
 
@@ -199,7 +200,7 @@ def describe(cfg: Config, params) -> str:
         f"param {p.name}: width {m.d_model} = {width_mult(m, p):g} x base {p.base_width}"
         + (f", depth {m.n_layers} = {depth_mult(m, p):g} x base {p.base_depth}, alpha {p.alpha:g}"
            if p.name == "completep" else ""),
-        f"  init std {mult.hidden_std:.4g} (q, k, v, w_in), {mult.out_std:.4g} (wo, w_out); "
+        f"  init std {mult.hidden_std:.4g} (q, k, v, w_in, w_gate), {mult.out_std:.4g} (wo, w_out); "
         f"attention logits x {mult.attn_scale:.4g}; output logits x {mult.logits:.4g}; "
         f"residual branches x {mult.residual:.4g}; optim.eps x {eps:.4g}",
     ]

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from research.config import ConfigError, MeshConfig
+from research.config import ConfigError, MeshConfig, ModelConfig, kv_heads
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -25,6 +25,7 @@ RULES: dict[str, str | None] = {
     "layers": None,  # the stacked blocks' leading dim: each device holds every layer's shard
     "embed": "fsdp",
     "heads": "tensor",
+    "kv_heads": "tensor",  # key/value projections (grouped-query attention: fewer heads)
     "mlp": "tensor",
     "vocab": "tensor",
 }
@@ -55,15 +56,28 @@ def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """PartitionSpec for a weight with logical `axes`.
+def rules_for(m: ModelConfig, mesh: Mesh) -> dict[str, str | None]:
+    """RULES for model `m` on `mesh`: a head dimension (query or key/value) whose head
+    count the tensor axis does not divide stays replicated, rather than being split
+    inside a head (e.g. multi-query attention's one key/value head under mesh.tensor=2)."""
+    rules = dict(RULES)
+    tensor = mesh.shape["tensor"]
+    for name, heads in (("heads", m.n_heads), ("kv_heads", kv_heads(m))):
+        if heads % tensor:
+            rules[name] = None
+    return rules
+
+
+def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict | None = None) -> P:
+    """PartitionSpec for a weight with logical `axes`, mapped by `rules` (default RULES).
 
     A dimension that the mesh axis does not divide stays replicated, so a
     small or odd-sized weight never blocks a layout.
     """
+    rules = RULES if rules is None else rules
     out = []
     for name, size in zip(axes, shape):
-        mesh_axis = RULES.get(name) if name else None
+        mesh_axis = rules.get(name) if name else None
         if mesh_axis and size % mesh.shape[mesh_axis] == 0 and mesh.shape[mesh_axis] > 1:
             out.append(mesh_axis)
         else:
@@ -71,13 +85,14 @@ def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*out)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
-    """Pure-dict pytree of NamedSharding matching `abstract_state.to_pure_dict()`."""
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict | None = None) -> dict:
+    """Pure-dict pytree of NamedSharding matching `abstract_state.to_pure_dict()`, with
+    `rules` (default RULES; `rules_for` gives a model's)."""
 
     def one(var):
         value = var.get_value() if hasattr(var, "get_value") else var.value
         axes = getattr(var, "axes", None) or (None,) * len(value.shape)
-        return NamedSharding(mesh, spec_for(axes, value.shape, mesh))
+        return NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules))
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.State(shardings).to_pure_dict() if not isinstance(shardings, dict) else shardings

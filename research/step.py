@@ -25,8 +25,11 @@ from research.config import Config
 
 State = dict
 
-def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
-    """(params, batch_BxL1) -> mean next-token cross-entropy (float32 scalar)."""
+def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh, z_loss: float = 0.0) -> Callable:
+    """(params, batch_BxL1) -> (objective, parts): `parts["loss"]` is the mean next-token
+    cross-entropy (float32 scalar); with a `z_loss` coefficient, `parts["z_loss"]` is the
+    mean log(Z)^2 of the output logits (PaLM, Chowdhery et al. 2022, sec. 5), and the
+    objective is loss + z_loss x that; without, the objective is the loss."""
     pinned = {"act": NamedSharding(mesh, P(shd.BATCH_AXES, None, None)),
               "whole": shd.replicated(mesh)}
 
@@ -38,7 +41,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
         inputs_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
         logits_BxLxV = net(inputs_BxL, constrain=constrain)
         losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
-        return losses_BxL.mean()
+        loss = losses_BxL.mean()
+        if not z_loss:
+            return loss, {"loss": loss}
+        z_sq = jnp.square(jax.nn.logsumexp(logits_BxLxV, axis=-1)).mean()
+        return loss + z_loss * z_sq, {"loss": loss, "z_loss": z_sq}
 
     return loss_fn
 
@@ -48,31 +55,35 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     compiler_options: dict | None = None) -> Callable:
     """Jitted `(state, batch) -> (state, metrics)` with `accum` microbatches per step;
     `compiler_options` are XLA's (a plugin's, `Plan.compiler_options`)."""
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     micro = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
 
     def grads_of(params, batch_BxL1):
+        """(the loss's parts, gradients of the objective), averaged over the microbatches."""
         if accum == 1:
-            return grad_fn(params, batch_BxL1)
+            (_, parts), grads = grad_fn(params, batch_BxL1)
+            return parts, grads
         B, L1 = batch_BxL1.shape
         # Microbatch i takes rows i, i+accum, ...: every device keeps its own rows.
         micro_AxMxL1 = batch_BxL1.reshape(B // accum, accum, L1).swapaxes(0, 1)
         micro_AxMxL1 = jax.lax.with_sharding_constraint(micro_AxMxL1, micro)
 
         def body(carry, mb_MxL1):
-            loss, grads = grad_fn(params, mb_MxL1)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            (_, parts), grads = grad_fn(params, mb_MxL1)
+            return jax.tree.map(jnp.add, carry, (parts, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(body, zeros, micro_AxMxL1)
-        return jax.tree.map(lambda x: x / accum, (loss, grads))
+        parts_shape = jax.eval_shape(lambda: grad_fn(params, micro_AxMxL1[0])[0][1])
+        zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts_shape),
+                 jax.tree.map(jnp.zeros_like, params))
+        (parts, grads), _ = jax.lax.scan(body, zeros, micro_AxMxL1)
+        return jax.tree.map(lambda x: x / accum, (parts, grads))
 
     def train_step(state: State, batch_BxL1: jax.Array):
-        loss, grads = grads_of(state["params"], batch_BxL1)
+        parts, grads = grads_of(state["params"], batch_BxL1)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
-            "loss": loss,
+            **parts,  # loss (the cross-entropy alone), and z_loss where it is on
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state["step"]),
         }
@@ -90,9 +101,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
 def make_eval_step(loss_fn: Callable, param_shardings, mesh: Mesh,
                    compiler_options: dict | None = None) -> Callable:
-    """Jitted `(params, batch) -> mean loss`."""
+    """Jitted `(params, batch) -> mean loss` (the cross-entropy, without any z-loss)."""
     return jax.jit(
-        loss_fn,
+        lambda params, batch_BxL1: loss_fn(params, batch_BxL1)[1]["loss"],
         in_shardings=(param_shardings, shd.batch_sharding(mesh)),
         out_shardings=shd.replicated(mesh),
         compiler_options=compiler_options,
@@ -151,6 +162,7 @@ class Plan:
     kernels: dict[str, str]  # {"attention": name, "matmul": name}, auto resolved
     plugins: tuple[plugins.Plugin, ...] = ()
     compiler_options: dict | None = None
+    z_loss: float = 0.0  # optim.z_loss: the train step's objective adds z_loss x log(Z)^2
 
     def fresh_state(self) -> State:
         """Newly initialised params and optimizer state, created in their shards."""
@@ -164,7 +176,7 @@ class Plan:
 
     def train_step(self, mesh: Mesh, accum: int) -> Callable:
         """The jitted train step of this plan (not yet compiled)."""
-        return make_train_step(make_loss_fn(self.graphdef, mesh), self.optimizer, self.schedule,
+        return make_train_step(make_loss_fn(self.graphdef, mesh, self.z_loss), self.optimizer, self.schedule,
                                accum, self.state_shardings, mesh, self.compiler_options)
 
     def eval_step(self, mesh: Mesh) -> Callable:
@@ -193,7 +205,7 @@ def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:
         return model.build(model_cfg, vocab, cfg.data.seq_len, cfg.train.seed, cfg.param)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(build_model))
-    param_shardings = shd.param_shardings(abstract, mesh)
+    param_shardings = shd.param_shardings(abstract, mesh, shd.rules_for(model_cfg, mesh))
     abstract_params = abstract.to_pure_dict()
     schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
     # Per-parameter lr scales: a tree of floats built from the (abstract) param tree.
@@ -202,4 +214,4 @@ def plan(cfg: Config, vocab: int, mesh: Mesh) -> Plan:
                 state_shardings(abstract_params, param_shardings, optimizer, mesh),
                 optimizer, schedule, build_model, cfg.train.seed,
                 {"attention": model_cfg.attention, "matmul": model_cfg.matmul},
-                tuple(enabled), compiler_options(enabled, mesh))
+                tuple(enabled), compiler_options(enabled, mesh), cfg.optim.z_loss)

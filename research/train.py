@@ -40,6 +40,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a restart continues exactly
 
 # Fields whose change makes a checkpoint's params (or, to resume, its whole state) unusable.
 PARAM_FIELDS = ("model.d_model", "model.n_layers", "model.n_heads", "model.mlp_ratio",
+                "model.mlp", "model.mlp_hidden", "model.n_kv_heads", "model.qk_norm",
                 "model.norm", "model.pos", "model.tie_embeddings", "model.share_layers")
 # param.name too: mup and completep add a link to the optimizer chain (and change the dynamics).
 STATE_FIELDS = (*PARAM_FIELDS, "optim.name", "param.name")
