@@ -37,8 +37,12 @@ def test_inspect_is_the_forward_pass():
     np.testing.assert_allclose(fast.resid[-1], ins.resid[-1], atol=2e-5, rtol=2e-5)
 
 
-def test_attention_maps_are_causal_distributions():
-    net = _net()
+LLAMA = dict(mlp="swiglu", n_kv_heads=2, qk_norm=True, tie_embeddings=False)  # GQA: 4 query, 2 kv heads
+
+
+@pytest.mark.parametrize("over", [{}, LLAMA], ids=["default", "llama"])
+def test_attention_maps_are_causal_distributions(over):
+    net = _net(**over)
     tokens = interpret.encode(TEXT)
     maps = interpret.attention_maps(net, tokens)
     L = len(tokens)
@@ -81,8 +85,9 @@ def test_integrated_gradients_completeness_and_causality():
     assert np.abs(same.per_token).max() == 0.0 and same.value == same.baseline_value
 
 
-def test_logit_lens_last_layer_is_the_model():
-    net = _net()
+@pytest.mark.parametrize("over", [{}, LLAMA], ids=["default", "llama"])
+def test_logit_lens_last_layer_is_the_model(over):
+    net = _net(**over)
     tokens = interpret.encode(TEXT)
     lens = interpret.logit_lens(net, tokens, k=3)
     L = len(tokens)

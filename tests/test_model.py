@@ -22,7 +22,7 @@ V = 64  # vocab
 L = 16  # sequence length (= max_len)
 B = 2
 SEED = 0
-AXIS_NAMES = {"layers", "vocab", "embed", "heads", "mlp", None}
+AXIS_NAMES = {"layers", "vocab", "embed", "heads", "kv_heads", "mlp", None}
 BLOCK_MATRICES = ("wq", "wk", "wv", "wo", "w_in", "w_out")
 
 
@@ -489,8 +489,9 @@ def test_param_counts_match_model(cfg):
 
 @pytest.mark.parametrize(
     "cfg",
-    [tiny(norm="layernorm", pos="learned", tie_embeddings=False), tiny(n_layers=4, share_layers=2)],
-    ids=["all-weights", "shared"],
+    [tiny(norm="layernorm", pos="learned", tie_embeddings=False), tiny(n_layers=4, share_layers=2),
+     tiny(n_layers=4, mlp="swiglu", n_kv_heads=2, qk_norm=True)],
+    ids=["all-weights", "shared", "llama-knobs"],
 )
 def test_weights_carry_logical_axes(cfg):
     model = build(cfg, V, L, SEED)
@@ -512,9 +513,10 @@ def test_weights_carry_logical_axes(cfg):
             matrices += value.ndim == 2
     # embed (+ pos, unembed) and one stack of each of the 6 block matrices, however many
     # distinct blocks; the blocks' norm scales (and biases) stacked too.
-    expected = 1 + len(BLOCK_MATRICES) + (cfg.pos == "learned") + (not cfg.tie_embeddings)
+    expected = (1 + len(BLOCK_MATRICES) + (cfg.mlp == "swiglu") + (cfg.pos == "learned")
+                + (not cfg.tie_embeddings))
     assert matrices == expected
-    assert stacked_vectors == 2 * (1 + (cfg.norm == "layernorm"))
+    assert stacked_vectors == 2 * (1 + (cfg.norm == "layernorm")) + 2 * cfg.qk_norm
     # The layers dim is never sharded: every device holds every layer's shard of a weight,
     # and the scan slices it locally. A 2x2x2 mesh would divide S = 2 if a rule asked.
     assert shd.RULES["layers"] is None
