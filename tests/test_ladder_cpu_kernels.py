@@ -214,6 +214,38 @@ def test_attention_and_its_gradients_match_xla(L, scale, saved, monkeypatch):
         assert_bound_catches(wrong, ref[0], bounds[0])
 
 
+@needs_kernels
+@pytest.mark.parametrize("groups", [1, 2])
+def test_grouped_query_attention_matches_xla(groups):
+    """With G < H key/value heads (model.n_kv_heads) the plugin repeats k and v to H heads
+    for its kernel; XLA reads the groups directly. The same values and gradients: the
+    bounds are those of H-head attention on the repeated k and v, and the k, v gradients
+    add the R = H / G heads that share them (R more terms, each within its own bound)."""
+    B, L, H, K = 2, 100, 4, 16
+    R = H // groups
+    q, do = (_normal(i, (B, L, H, K)) * 2 for i in (0, 3))
+    k, v = (_normal(i, (B, L, groups, K)) * 2 for i in (1, 2))
+
+    def results(name):
+        fn = registry.attention(name)
+        out = jax.jit(lambda q, k, v: fn(q, k, v))(q, k, v)
+        grads = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * do).sum(), argnums=(0, 1, 2)))(q, k, v)
+        return (out, *grads)
+
+    rep = lambda x: jnp.repeat(x, R, axis=2)  # noqa: E731
+    o_b, dq_b, dk_b, dv_b = _attention_bounds(q, rep(k), rep(v), do, K**-0.5)
+    _, _, dk_rep, dv_rep = (_abs64(g) for g in jax.grad(
+        lambda q, k, v: (registry.attention("xla")(q, k, v) * do).sum(), argnums=(0, 1, 2))(q, rep(k), rep(v)))
+
+    def grouped(bound, terms):  # sum of the R heads' bounds, plus the R-term sum's rounding
+        shape = (B, L, groups, R, K)
+        return bound.reshape(shape).sum(3) + 2 * gamma(R) * terms.reshape(shape).sum(3)
+
+    bounds = (o_b, dq_b, grouped(dk_b, dk_rep), grouped(dv_b, dv_rep))
+    for got, want, bound in zip(results("mkl"), results("xla"), bounds):
+        assert_close_to_bound(got, want, bound)
+
+
 def _norm_bounds(x, w, dy, eps: float, center: bool) -> tuple[np.ndarray, ...]:
     """Bounds on two fp32 evaluations of RMSNorm (LayerNorm: `center`) differing: y and the
     gradients dx, dw, db for the cotangent `dy`. First-order propagation, per row n:
