@@ -234,7 +234,7 @@ def test_grouped_query_attention_matches_xla(groups):
 
     rep = lambda x: jnp.repeat(x, R, axis=2)  # noqa: E731
     o_b, dq_b, dk_b, dv_b = _attention_bounds(q, rep(k), rep(v), do, K**-0.5)
-    _, _, dk_rep, dv_rep = (_abs64(g) for g in jax.grad(
+    _, dk_rep, dv_rep = (_abs64(g) for g in jax.grad(
         lambda q, k, v: (registry.attention("xla")(q, k, v) * do).sum(), argnums=(0, 1, 2))(q, rep(k), rep(v)))
 
     def grouped(bound, terms):  # sum of the R heads' bounds, plus the R-term sum's rounding
@@ -242,8 +242,12 @@ def test_grouped_query_attention_matches_xla(groups):
         return bound.reshape(shape).sum(3) + 2 * gamma(R) * terms.reshape(shape).sum(3)
 
     bounds = (o_b, dq_b, grouped(dk_b, dk_rep), grouped(dv_b, dv_rep))
-    for got, want, bound in zip(results("mkl"), results("xla"), bounds):
+    ref = results("xla")
+    for got, want, bound in zip(results("mkl"), ref, bounds):
         assert_close_to_bound(got, want, bound)
+    if groups > 1:  # query head h on the wrong group is caught
+        wrong = registry.attention("xla")(q, k[:, :, ::-1], v[:, :, ::-1])
+        assert_bound_catches(wrong, ref[0], o_b)
 
 
 def _norm_bounds(x, w, dy, eps: float, center: bool) -> tuple[np.ndarray, ...]:
