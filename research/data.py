@@ -125,11 +125,16 @@ def load_stdlib(cfg: DataConfig) -> Corpus:
 # ---------------------------------------------------------------- tokens
 
 
+def _map(path: Path, dtype) -> np.ndarray:
+    """A read-only memmap of `path` (an empty array for an empty file, which mmap refuses)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
 class Shards:
     """Token shard files read as one 1-D array: len() and [lo:hi] slices, never loaded whole."""
 
     def __init__(self, paths: list[Path], dtype: np.dtype):
-        self.parts = [np.memmap(p, dtype=dtype, mode="r") for p in paths]
+        self.parts = [_map(p, dtype) for p in paths]
         self.dtype = np.dtype(dtype)
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
 
@@ -165,7 +170,7 @@ def load_prepared(root: Path, field_name: str, vocab_size: int | None = None) ->
         if missing or not paths:
             raise ConfigError(field_name, f"{missing[0] if missing else root}: {name} shard missing; "
                               "prepare the directory again")
-        arrays.append(np.memmap(paths[0], dtype=dtype, mode="r") if len(paths) == 1 else Shards(paths, dtype))
+        arrays.append(_map(paths[0], dtype) if len(paths) == 1 else Shards(paths, dtype))
     info = {"path": str(root.resolve()), "corpus_hash": meta["content_hash"], "tokenizer": meta["tokenizer"],
             "tokenizer_hash": meta["tokenizer_hash"],
             "eos_id": meta["eos_id"], "splits": {k: {c: v[c] for c in ("tokens", "documents", "bytes")}

@@ -116,7 +116,10 @@ def documents(source: Source, field: str) -> Iterator[str]:
                     raise InputError(f"{source.name}:{n}: no text field {field!r} (set --field)")
                 yield row[field]
     elif source.kind == "parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415 (only for parquet inputs)
+        try:
+            import pyarrow.parquet as pq  # noqa: PLC0415 (optional: only for parquet inputs)
+        except ImportError:
+            raise InputError(f"{source.name}: parquet needs pyarrow (pip install 'ladder[parquet]')") from None
 
         pf = pq.ParquetFile(source.name)
         if field not in pf.schema_arrow.names:
@@ -259,8 +262,9 @@ class ShardWriter:
         self._file, self._room = open(self.root / name, "wb"), self.shard_tokens
 
     def close(self) -> dict:
-        if self._file:
-            self._file.close()
+        if not self.shards:  # an empty split still has its (empty) shard: readers need no special case
+            self._next_shard()
+        self._file.close()
         return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
 
 
@@ -374,6 +378,10 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bytes", field:
         n_bytes = sum(s["bytes"] for s in splits.values())
         if n_bytes == 0:
             raise InputError(f"{' '.join(inputs)}: no text in the input")
+        for split, counts in splits.items():
+            if not counts["documents"]:
+                print(f"warning: no document fell in the {split} split; training needs both "
+                      "(change --val-fraction, or add documents)", file=sys.stderr)
         meta = {
             "format": FORMAT,
             "tokenizer": tokenizer if tokenizer == "bytes" or tokenizer.startswith("bpe:") else str(Path(tokenizer)),
