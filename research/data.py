@@ -233,6 +233,8 @@ def _check_length(corpus: Corpus, seq_len: int, what: str) -> Corpus:
 
 def load(cfg: DataConfig) -> Corpus:
     """Load the corpus named by `data.name` and check `data.seq_len` fits both splits."""
+    if cfg.mixture:
+        raise ConfigError("data.mixture", "this tool reads one corpus: set data.path instead")
     return _check_length(DATASETS.get(cfg.name).impl(cfg), cfg.seq_len, cfg.name)
 
 

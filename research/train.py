@@ -324,7 +324,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "corpus": corpus.name,
         "corpus_hash": corpus.info.get("corpus_hash"),
         "corpus_info": corpus.info,
-        "eval_sets": list(eval_sets),
+        "eval_sets": {n: c.info.get("corpus_hash") for n, c in eval_sets.items()},  # primary first
+        "source_hashes": {n: c.info.get("corpus_hash") for n, c in zip(mixture.names, mixture.corpora)},
         "tokens_per_source": {n: final_step * r * seq_len for n, r in zip(mixture.names, mixture.rows)},
         "resumed_from": resumed_step,
         "stop_signal": stop.name if status == "preempted" and stop.signum else None,

@@ -88,7 +88,10 @@ def test_mixture_of_two_domains_with_an_eval_set_each(repo, corpus, tmp_path):
     cfg = compose(*TINY_TEXT, f"+data.mixture={{prose:{{path:{tmp_path / 'prose'},weight:3}},"
                   f"code:{{path:{tmp_path / 'code'},weight:1}}}}", f"+data.eval={{again:{tmp_path / 'code'}}}")
     summary = train.run(cfg, tmp_path / "run", devices=jax.devices()[:1])
-    assert summary["eval_sets"] == ["prose", "code", "again"]
+    assert list(summary["eval_sets"]) == ["prose", "code", "again"]
+    hashes = {n: json.loads((tmp_path / n / "meta.json").read_text())["content_hash"] for n in ("prose", "code")}
+    assert summary["eval_sets"] == {**hashes, "again": hashes["code"]}
+    assert summary["source_hashes"] == hashes
     assert summary["tokens_per_source"] == {"prose": 12 * 6 * 32, "code": 12 * 2 * 32}
     assert summary["final_val_loss"] == summary["val/prose/loss"]
     assert summary["val/again/loss"] == summary["val/code/loss"]  # the same split, the same batches

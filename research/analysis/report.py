@@ -55,7 +55,7 @@ def _ci(fit: dict, key: str) -> str:
 
 def _select(df: pd.DataFrame, where: str, metric: str) -> tuple[pd.DataFrame, list[str]]:
     """Completed runs with a final `metric`, and a warning line for each run left out."""
-    if metric not in df:
+    if metric != "final_val_loss" and metric not in df:
         known = sorted(c for c in df.columns if c.startswith("val/") or c == "final_val_loss")
         raise ValueError(f"--metric: no run has {metric!r} in summary.json; known: {', '.join(known)}")
     with warnings.catch_warnings(record=True) as caught:
