@@ -345,6 +345,8 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bytes", field:
     sources = expand(inputs)
     if not sources:
         raise InputError(f"{' '.join(inputs)}: no input files")
+    if train_tokenizer_on and not tokenizer.startswith("bpe:"):
+        raise InputError(f"--train-tokenizer-on: only with --tokenizer bpe:VOCAB (not {tokenizer})")
     train_on = expand(train_tokenizer_on) if train_tokenizer_on else None
     options = {"tokenizer": tokenizer, "field": field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
                "format": FORMAT}

@@ -125,7 +125,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).resolve().parents[1], timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no_field", "bad_json", "small_vocab", "not_utf8"])
+@pytest.mark.parametrize("case", ["missing", "empty", "no_field", "bad_json", "small_vocab", "not_utf8",
+                                  "train_on_without_bpe", "out_not_a_corpus"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, capsys):
     (tmp_path / "ok.txt").write_text("some text")
     inputs, options, needle = [str(tmp_path / "ok.txt")], [], None
@@ -142,6 +143,12 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, capsys
         inputs, needle = [str(tmp_path / "x.jsonl")], f"{tmp_path / 'x.jsonl'}:2: not a JSON object"
     elif case == "small_vocab":
         options, needle = ["--tokenizer", "bpe:200"], "--tokenizer: bpe:200 is too small"
+    elif case == "train_on_without_bpe":
+        options, needle = ["--train-tokenizer-on", inputs[0]], "--train-tokenizer-on: only with --tokenizer bpe:VOCAB"
+    elif case == "out_not_a_corpus":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "mine.txt").write_text("keep me")
+        needle = f"--out: {tmp_path / 'out'} exists and is not a prepared corpus"
     else:
         (tmp_path / "bin.txt").write_bytes(b"ok \xff\xfe")
         inputs, needle = [str(tmp_path / "bin.txt")], f"{tmp_path / 'bin.txt'}: not UTF-8 text (byte 3)"
@@ -151,6 +158,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, capsys
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out dir, no temporary dir
+    if case == "out_not_a_corpus":
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
 
 
 def test_cli_prints_throughput_and_reuses(tmp_path):
