@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from research.registry import Registry
-from research.config import ConfigError, DataConfig, MixtureSource
+from research.config import ConfigError, DataConfig
 
 TRAIN, VAL = 0, 1
 

@@ -24,12 +24,13 @@ one document and is held whole while it is encoded).
 Bad input (a missing path, no text, a `.jsonl` line without the field, a
 vocabulary too small for the bytes): one line on stderr naming the file or
 option, exit code 2, and DIR as it was.
+
+Inputs and documents: research/documents.py; tokenizers: research/tokenizer.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
@@ -38,198 +39,17 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from research.documents import InputError, Source, all_documents, content_hash, expand, is_val
+from research.tokenizer import make_tokenizer
+
 FORMAT = "ladder-tokens-1"
-EOS = "<|endoftext|>"
-EOS_NAMES = (EOS, "</s>", "<eos>", "<|eos|>")  # looked up in a given tokenizer.json
 BATCH_BYTES = 4 << 20  # text per encoded batch: the memory bound
 SHARD_TOKENS = 1 << 28  # tokens per shard file
 SPLITS = ("train", "val")
-
-
-class InputError(ValueError):
-    """Bad input or option; one line naming the file or option, exit code 2."""
-
-
-# ---------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input: a local file (kind text, jsonl or parquet) or a Hugging Face dataset (kind hf)."""
-
-    kind: str
-    name: str  # the path, or NAME[:SPLIT]
-
-
-def _kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
-
-
-def expand(inputs: list[str]) -> list[Source]:
-    """The files (and datasets) named by `inputs`, in order; InputError for one that matches nothing."""
-    sources: list[Source] = []
-    for item in inputs:
-        if item.startswith("hf:"):
-            sources.append(Source("hf", item[3:]))
-            continue
-        if glob.has_magic(item):
-            paths = [Path(p) for p in sorted(glob.glob(item, recursive=True))]
-            paths = [p for p in paths if p.is_file()]
-            if not paths:
-                raise InputError(f"{item}: no file matches")
-        elif Path(item).is_dir():
-            root = Path(item)
-            paths = sorted(p for p in root.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(root).parts))
-        elif Path(item).is_file():
-            paths = [Path(item)]
-        else:
-            raise InputError(f"{item}: no such file or directory")
-        sources += [Source(_kind(p), str(p)) for p in paths]
-    return sources
-
-
-def documents(source: Source, field: str) -> Iterator[str]:
-    """The documents of one input, as strings, streamed."""
-    if source.kind == "text":
-        raw = Path(source.name).read_bytes()
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InputError(f"{source.name}: not UTF-8 text (byte {err.start})") from None
-    elif source.kind == "jsonl":
-        with open(source.name, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise InputError(f"{source.name}:{n}: not a JSON object") from None
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise InputError(f"{source.name}:{n}: no text field {field!r} (set --field)")
-                yield row[field]
-    elif source.kind == "parquet":
-        try:
-            import pyarrow.parquet as pq  # noqa: PLC0415 (optional: only for parquet inputs)
-        except ImportError:
-            raise InputError(f"{source.name}: parquet needs pyarrow (pip install 'ladder[parquet]')") from None
-
-        pf = pq.ParquetFile(source.name)
-        if field not in pf.schema_arrow.names:
-            raise InputError(f"{source.name}: no column {field!r} (set --field)")
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t is not None)
-    else:  # hf
-        try:
-            import datasets  # noqa: PLC0415 (optional: only for hf: inputs)
-        except ImportError:
-            raise InputError(f"hf:{source.name}: needs the `datasets` package (pip install datasets)") from None
-        name, _, split = source.name.partition(":")
-        for row in datasets.load_dataset(name, split=split or "train", streaming=True):
-            if not isinstance(row.get(field), str):
-                raise InputError(f"hf:{source.name}: no text field {field!r} (set --field)")
-            yield row[field]
-
-
-def all_documents(sources: list[Source], field: str) -> Iterator[str]:
-    for source in sources:
-        yield from documents(source, field)
-
-
-def content_hash(sources: list[Source], options: dict) -> str:
-    """SHA-256 of the options and of every input's bytes (a dataset: its name), streamed."""
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for source in sources:
-        digest.update(f"\0{source.kind}\0".encode())
-        if source.kind == "hf":
-            digest.update(source.name.encode())
-            continue
-        with open(source.name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def is_val(text_utf8: bytes, val_fraction: float) -> bool:
-    """The document-level split: a hash of the document's text, never of a run."""
-    h = int.from_bytes(hashlib.sha256(text_utf8).digest()[:8], "little")
-    return h / 2**64 < val_fraction
-
-
-# ---------------------------------------------------------------- tokenizers
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255; the end-of-document token is 256."""
-
-    vocab_size, eos_id = 257, 256
-
-    def encode(self, texts_utf8: list[bytes]) -> list[np.ndarray]:
-        return [np.frombuffer(t, np.uint8) for t in texts_utf8]
-
-
-class HFTokenizer:
-    """A Hugging Face `tokenizers.Tokenizer`; `encode_batch` runs on every core."""
-
-    def __init__(self, tok, eos_id: int):
-        self.tok, self.eos_id = tok, eos_id
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
-        self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-
-    def encode(self, texts_utf8: list[bytes]) -> list[np.ndarray]:
-        texts = [t.decode("utf-8") for t in texts_utf8]
-        return [np.asarray(e.ids, np.uint32) for e in self._encode(texts, add_special_tokens=False)]
-
-
-def train_bpe(vocab: int, texts: Iterator[str], progress: bool):
-    """A byte-level BPE of `vocab` ids (the 256 bytes, EOS and merges) trained on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS], show_progress=progress,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def make_tokenizer(spec: str, sources: list[Source], train_on: list[Source] | None, field: str,
-                   progress: bool):
-    """(tokenizer, the tokenizers.Tokenizer to save or None) for `--tokenizer spec`."""
-    if spec == "bytes":
-        return ByteTokenizer(), None
-    if spec.startswith("bpe:"):
-        try:
-            vocab = int(spec[4:])
-        except ValueError:
-            raise InputError(f"--tokenizer: {spec!r}: expected bpe:VOCAB with VOCAB an integer") from None
-        if vocab < 257:
-            raise InputError(f"--tokenizer: {spec} is too small: a byte-level BPE needs at least 257 ids "
-                             "(256 bytes + end-of-document)")
-        tok = train_bpe(vocab, all_documents(train_on or sources, field), progress)
-        return HFTokenizer(tok, tok.token_to_id(EOS)), tok
-    path = Path(spec)
-    if not path.is_file():
-        raise InputError(f"--tokenizer: {spec}: not bytes, bpe:VOCAB or an existing tokenizer.json")
-    from tokenizers import Tokenizer  # noqa: PLC0415
-
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception for a bad file
-        raise InputError(f"--tokenizer: {spec}: cannot read ({str(err).splitlines()[0][:80]})") from None
-    eos = next((tok.token_to_id(n) for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
-    if eos is None:
-        raise InputError(f"--tokenizer: {spec}: no end-of-document token (one of {', '.join(EOS_NAMES)})")
-    return HFTokenizer(tok, eos), tok
 
 
 # ---------------------------------------------------------------- output

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from research import data, prepare
+from research import data, documents, prepare, tokenizer
 from research.config import ConfigError
 
 
@@ -48,7 +48,7 @@ def test_bytes_round_trip_and_document_split(tmp_path):
     assert on_disk == {k: v for k, v in meta.items() if k != "reused"}
     expected = {"train": [], "val": []}
     for t in texts:  # the split is a hash of the document's text
-        expected["val" if prepare.is_val(t.encode(), 0.25) else "train"].append(t.encode())
+        expected["val" if documents.is_val(t.encode(), 0.25) else "train"].append(t.encode())
     assert expected["train"] and expected["val"]
     for split in ("train", "val"):
         s = meta["splits"][split]
@@ -70,7 +70,7 @@ def test_bpe_tokenizer_is_trained_saved_and_decodes_back(tmp_path):
     out = tmp_path / "out"
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert meta["vocab_size"] == tok.get_vocab_size() == 300
-    assert meta["eos_id"] == tok.token_to_id(prepare.EOS)
+    assert meta["eos_id"] == tok.token_to_id(tokenizer.EOS)
     decoded = []
     for split in ("train", "val"):
         ids = read_split(out, meta, split)
@@ -176,7 +176,7 @@ def test_large_vocab_is_uint32(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(70_000)}
-    vocab[prepare.EOS] = 70_000
+    vocab[tokenizer.EOS] = 70_000
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
