@@ -140,8 +140,9 @@ def _chain(batches: Iterator[list[bytes]]) -> Iterator[list[bytes] | None]:
 
 def _write_batch(batch: list[bytes], encoded: list[np.ndarray], writers: dict, eos: np.ndarray,
                  val_fraction: float, bar) -> None:
+    held_out = [is_val(raw, val_fraction) for raw in batch]
     for split in SPLITS:
-        picked = [(raw, ids) for raw, ids in zip(batch, encoded) if is_val(raw, val_fraction) == (split == "val")]
+        picked = [(raw, ids) for raw, ids, v in zip(batch, encoded, held_out) if v == (split == "val")]
         if not picked:
             continue
         w = writers[split]
