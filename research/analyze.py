@@ -1,9 +1,10 @@
-"""`python -m research.analyze report SWEEP_DIR... [--out DIR]`, `... fit --csv FILE`, `... transfer SWEEP_DIR...`.
+"""`python -m research.analyze report SWEEP_DIR... [--out DIR] [--metric M]`, `... fit --csv FILE [--metric M]`, `... transfer SWEEP_DIR...`.
 
 `report` reads finished runs, prints a table and the fitted laws, and writes
-report.md, fit.json and PNG plots (research/analysis/report.py says which).
-`fit --csv FILE` fits Chinchilla's Approach 3 to columns params,tokens,loss
-and prints one JSON object. `transfer SWEEP_DIR` finds the best lr per width
+report.md, fit.json and PNG plots (research/analysis/report.py says which);
+`--metric` fits another summary.json value than final_val_loss (e.g.
+val/code/bpb). `fit --csv FILE` fits Chinchilla's Approach 3 to columns
+params,tokens,loss (or the column `--metric`) and prints one JSON object. `transfer SWEEP_DIR` finds the best lr per width
 (or depth) per parameterization (analysis/transfer.py), plots loss vs lr and
 prints one JSON object. Bad input: one line on stderr, exit 2.
 """
@@ -24,15 +25,15 @@ class InputError(ValueError):
     """Bad command-line input; reported as one line with exit code 2."""
 
 
-def report(dirs: list[str], out: str | None) -> dict:
-    """`report DIR... [--out DIR]`: see research/analysis/report.py."""
+def report(dirs: list[str], out: str | None, metric: str = "final_val_loss") -> dict:
+    """`report DIR... [--out DIR] [--metric M]`: see research/analysis/report.py."""
     from research.analysis.report import write_report
 
-    return write_report(dirs, out)
+    return write_report(dirs, out, metric)
 
 
-def fit_csv(path: str, n_boot: int) -> dict:
-    """`fit --csv FILE`: Chinchilla Approach 3 on columns params, tokens, loss."""
+def fit_csv(path: str, n_boot: int, metric: str = "loss") -> dict:
+    """`fit --csv FILE [--metric M]`: Chinchilla Approach 3 on columns params, tokens and `metric` (loss)."""
     from research.analysis.chinchilla import fit_approach3
 
     if not Path(path).is_file():
@@ -41,15 +42,15 @@ def fit_csv(path: str, n_boot: int) -> dict:
         df = pd.read_csv(path)
     except Exception as err:  # empty or not CSV
         raise InputError(f"{path}: cannot read as CSV ({type(err).__name__})") from None
-    missing = [c for c in ("params", "tokens", "loss") if c not in df.columns]
+    missing = [c for c in ("params", "tokens", metric) if c not in df.columns]
     if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; need params,tokens,loss")
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; need params,tokens,{metric}")
     try:
-        values = df[["params", "tokens", "loss"]].astype(float)
+        values = df[["params", "tokens", metric]].astype(float)
     except ValueError:
-        raise InputError(f"{path}: params, tokens and loss must be numbers") from None
+        raise InputError(f"{path}: params, tokens and {metric} must be numbers") from None
     try:
-        result = fit_approach3(values["params"], values["tokens"], values["loss"], n_boot=n_boot)
+        result = fit_approach3(values["params"], values["tokens"], values[metric], n_boot=n_boot)
     except ValueError as err:
         raise InputError(f"{path}: {err}") from None
     print(json.dumps(result))
@@ -85,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="table, fitted law and plots for sweep/run dirs")
     rep.add_argument("dirs", nargs="+", help="sweep or run directories")
     rep.add_argument("--out", help="where to write report.md, fit.json, *.png (default: first dir)")
+    rep.add_argument("--metric", default="final_val_loss",
+                     help="the summary.json value to fit (default final_val_loss; e.g. val/code/bpb)")
     fit = sub.add_parser("fit", help="Chinchilla Approach 3 fit of L(N, D) from a CSV; prints JSON")
     fit.add_argument("--csv", required=True, help="CSV with columns params,tokens,loss (others ignored)")
     fit.add_argument("--boot", type=int, default=100, help="bootstrap resamples for the CIs (default 100)")
+    fit.add_argument("--metric", default="loss", help="the column to fit (default loss; e.g. val/code/bpb)")
     tra = sub.add_parser("transfer", help="best lr per width/depth per parameterization; plot; prints JSON")
     tra.add_argument("dirs", nargs="+", help="sweep directories (e.g. experiment=lr_transfer)")
     tra.add_argument("--out", help="where to write transfer.png and transfer.json (default: first dir)")
@@ -96,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "transfer":
             transfer(args.dirs, args.out)
         elif args.command == "fit":
-            fit_csv(args.csv, args.boot)
+            fit_csv(args.csv, args.boot, args.metric)
         else:
-            report(args.dirs, args.out)
+            report(args.dirs, args.out, args.metric)
     except (InputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

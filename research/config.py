@@ -60,11 +60,19 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureSource:
+    path: str  # a prepared directory (python -m research.prepare)
+    weight: float = 1.0  # share of each step's rows, relative to the other sources' weights
+
+
+@dataclass
 class DataConfig:
     name: str = "stdlib"
     seq_len: int = 128
-    path: str | None = None  # directory with train.bin / val.bin (data.name=tokens)
-    vocab_size: int | None = None  # tokens: required; synthetic: default 256; stdlib: 256
+    path: str | None = None  # tokens: a prepared dir (meta.json), or a dir with train.bin / val.bin
+    vocab_size: int | None = None  # tokens: from meta.json, else required; synthetic: default 256; stdlib: 256
+    mixture: dict[str, MixtureSource] = field(default_factory=dict)  # tokens: name -> source, instead of path
+    eval: dict[str, str] = field(default_factory=dict)  # more eval sets: name -> prepared dir (its val split)
     val_fraction: float = 0.05  # stdlib: share of files held out for validation
     cache_dir: str | None = None  # stdlib: where the memmap cache lives (default ~/.cache/ladder)
     synthetic_tokens: int = 1_000_000  # synthetic: corpus length
@@ -252,11 +260,12 @@ def validate(cfg: Config) -> None:
             "model.share_layers", f"must be in 0..model.n_layers={m.n_layers}, got {m.share_layers}"
         )
     _positive("data.seq_len", d.seq_len)
-    if d.name == "tokens":
-        if not d.path:
-            raise ConfigError("data.path", "required for data.name=tokens (a dir with train.bin, val.bin)")
-        if d.vocab_size is None:
-            raise ConfigError("data.vocab_size", "required for data.name=tokens")
+    if d.name == "tokens" and not d.path and not d.mixture:
+        raise ConfigError("data.path", "required for data.name=tokens (a prepared dir), or set data.mixture")
+    if d.mixture and (d.name != "tokens" or d.path):
+        raise ConfigError("data.mixture", "needs data.name=tokens and no data.path (the mixture names the dirs)")
+    for name, src in d.mixture.items():
+        _positive(f"data.mixture.{name}.weight", src.weight)
     if d.vocab_size is not None and not 2 <= d.vocab_size <= 65536:
         raise ConfigError("data.vocab_size", f"must be in 2..65536, got {d.vocab_size}")
     if not 0 < d.val_fraction < 1:

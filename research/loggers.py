@@ -92,7 +92,8 @@ class TensorBoard:
 
     def log(self, step: int, row: dict[str, float]) -> None:
         for key, value in row.items():
-            self.writer.add_scalar("eval/val_loss" if key == "val_loss" else f"train/{key}", value, step)
+            tag = "eval/val_loss" if key == "val_loss" else f"eval/{key[4:]}" if key.startswith("val/") else f"train/{key}"
+            self.writer.add_scalar(tag, value, step)
 
     def summary(self, summary: dict) -> None:
         pass  # TensorBoard has no run summary; summary.json holds it

@@ -33,10 +33,11 @@ MAX_DIRNAME = 200  # bytes; most filesystems refuse names over 255
 
 def job_dirname(override_dirname: str) -> str:
     """A job's directory name: its overrides (`k=v,k=v`), shortened with a hash if too long.
+    A `/` in a value (a path: data.path=data/web) is written `%2F`, so each job is one directory.
 
     Used as `${ladder_dirname:${hydra:job.override_dirname}}` in conf/train.yaml.
     """
-    name = override_dirname or "default"
+    name = (override_dirname or "default").replace("%", "%25").replace("/", "%2F")
     if len(name.encode()) <= MAX_DIRNAME:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]

@@ -69,15 +69,18 @@ def check_compatible(meta: dict, cfg: config.Config, vocab: int, where: str, fie
         raise ConfigError("data", f"vocab {vocab}, but {where} was written with vocab {meta['vocab_size']}")
 
 
-def evaluate(eval_step, params, corpus, cfg: config.Config, batch_sharding) -> float:
-    """Mean loss over the same `train.eval_batches` validation batches every time."""
-    t = cfg.train
-    losses = [
-        eval_step(params, data.device_batch(corpus, data.VAL, t.seed, i, t.batch_size,
-                                            cfg.data.seq_len, batch_sharding))
-        for i in range(t.eval_batches)
-    ]
-    return float(np.mean(jax.device_get(losses)))
+def evaluate(eval_step, params, sets: dict[str, data.Corpus], cfg: config.Config, batch_sharding) -> dict:
+    """{"val/<name>/loss", "val/<name>/bpb"} of every eval set: mean loss over the same
+    `train.eval_batches` validation batches every time, and bits per byte where the set is text."""
+    t, row = cfg.train, {}
+    for name, corpus in sets.items():
+        losses = [eval_step(params, data.device_batch(corpus, data.VAL, t.seed, i, t.batch_size,
+                                                      cfg.data.seq_len, batch_sharding))
+                  for i in range(t.eval_batches)]
+        row[f"val/{name}/loss"] = loss = float(np.mean(jax.device_get(losses)))
+        if (bpb := corpus.bpb(data.VAL, loss)) is not None:
+            row[f"val/{name}/bpb"] = bpb
+    return row
 
 
 def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_completed: bool = False,
@@ -107,7 +110,10 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
             f"{t.batch_size} / optim.accum={cfg.optim.accum} = {micro_batch} sequences is "
             f"not divisible by the data-parallel size mesh.data*mesh.fsdp={shd.dp_size(mesh)}",
         )
-    corpus = data.load(cfg.data)
+    mixture = data.load_mixture(cfg.data, t.batch_size)
+    eval_sets = data.eval_sets(cfg.data, mixture)
+    primary_loss = f"val/{next(iter(eval_sets))}/loss"
+    corpus = mixture.primary
     vocab = corpus.vocab_size
     cfg = flops.apply_flops_budget(cfg, vocab)
     t, seq_len = cfg.train, cfg.data.seq_len
@@ -167,7 +173,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     batch_sharding = shd.batch_sharding(mesh)
 
     def batch_for(step: int) -> jax.Array:
-        return data.device_batch(corpus, data.TRAIN, t.seed, step, t.batch_size, seq_len, batch_sharding)
+        return data.device_batch(mixture, data.TRAIN, t.seed, step, t.batch_size, seq_len, batch_sharding)
 
     t0 = time.perf_counter()
     train_step = plan.train_step(mesh, cfg.optim.accum).lower(state, batch_for(start)).compile()
@@ -196,6 +202,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     # -- The loop. Each step's loss is checked before anything is saved.
     logger = RunLogger(run_dir, cfg, t.steps, start, group=sweep_group)
     status, train_loss, val_loss, message = "completed", None, None, None
+    val_row = {}  # the last evaluation of every eval set
     train_time, interval_t0, interval_start = 0.0, time.perf_counter(), start
     next_batch = batch_for(start) if start < t.steps else None
     diverged_at = None
@@ -254,10 +261,12 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                     tps = (done - interval_start) * tokens_per_step / elapsed
                     train_loss = loss
                     row = {**jax.device_get(metrics), "tokens": done * tokens_per_step,
-                           "tokens_per_s": tps, "mfu": tps * per_token / peak}
+                           "tokens_per_s": tps, "mfu": tps * per_token / peak, **_epochs(mixture, done, seq_len)}
                     logger.progress(done, loss, tps)
                 if eval_now:
-                    row["val_loss"] = val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
+                    val_row = evaluate(eval_step, state["params"], eval_sets, cfg, batch_sharding)
+                    row.update(val_row, val_loss=val_row[primary_loss])
+                    val_loss = row["val_loss"]
                 if row or hook_row:
                     logger.log(done, {**row, **hook_row})
                 if row:
@@ -268,7 +277,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                     message = f"preempted by {stop.name} at step {done}: checkpoint saved; run again to continue"
                     break
         if start >= t.steps:  # already finished: report the restored model
-            val_loss = evaluate(eval_step, state["params"], corpus, cfg, batch_sharding)
+            val_row = evaluate(eval_step, state["params"], eval_sets, cfg, batch_sharding)
+            val_loss = val_row[primary_loss]
         checkpointer.close()  # waits for the last save: a preempted job exits only once it is on disk
     except ckpt.CheckpointError:  # main() exits at once on it: write out the logs first
         logger.close()
@@ -289,6 +299,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "status": status,
         "final_train_loss": train_loss,
         "final_val_loss": val_loss if status == "completed" else None,
+        **(val_row if status == "completed" else {}),
         **counts,
         "tokens": final_step * tokens_per_step,
         "flops": per_token * final_step * tokens_per_step,
@@ -314,6 +325,9 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "corpus": corpus.name,
         "corpus_hash": corpus.info.get("corpus_hash"),
         "corpus_info": corpus.info,
+        "eval_sets": {n: c.info.get("corpus_hash") for n, c in eval_sets.items()},  # primary first
+        "source_hashes": {n: c.info.get("corpus_hash") for n, c in zip(mixture.names, mixture.corpora)},
+        "tokens_per_source": {n: final_step * r * seq_len for n, r in zip(mixture.names, mixture.rows)},
         "resumed_from": resumed_step,
         "stop_signal": stop.name if status == "preempted" and stop.signum else None,
         "config": meta["config"],
@@ -379,6 +393,15 @@ def main(cfg: DictConfig) -> float | None:
     if summary["status"] == "diverged" and not multirun:
         sys.exit(EXIT_DIVERGED)
     return summary["final_val_loss"]
+
+
+def _epochs(mixture: data.Mixture, step: int, seq_len: int) -> dict[str, float]:
+    """metrics.jsonl's epoch fields: `epoch` of the (first) source; `epoch/<name>` of each in a mixture."""
+    epochs = mixture.epochs(step, seq_len)
+    row = {"epoch": epochs[mixture.names[0]]}
+    if len(epochs) > 1:
+        row.update({f"epoch/{n}": e for n, e in epochs.items()})
+    return row
 
 
 def _process_hint(cfg: DictConfig) -> int:

@@ -315,3 +315,39 @@ def test_report_bad_input_is_one_line_exit_2(tmp_path: Path, capsys, case, messa
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (root / "report.md").exists()
+
+
+# ---------------------------------------------------------------- --metric: a law per eval set
+
+
+def test_report_metric_fits_another_eval_set(tmp_path: Path, capsys):
+    """`--metric val/code/bpb` fits that summary value (here on a law of its own), not final_val_loss."""
+    e, a, alpha = 0.8, 25.0, 0.25
+    for name, d_model, n_layers, n in RUNS:
+        bpb = float(e + a * n**-alpha)
+        write_run(tmp_path, name, d_model, n_layers, n, "completed", float(TRUE_E + TRUE_A * n**-TRUE_ALPHA),
+                  **{"val/code/bpb": bpb, "val/code/loss": bpb * 0.5})
+        with (tmp_path / name / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 300, "val/code/bpb": bpb + 0.1}) + "\n")
+            f.write(json.dumps({"step": 400, "val/code/bpb": bpb}) + "\n")
+    code, stdout, _ = _main(capsys, "report", str(tmp_path), "--metric", "val/code/bpb")
+    assert code == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["metric"] == "val/code/bpb"
+    # Exact data: the least-squares fit on log L recovers the law to the optimiser's tolerance.
+    assert fit["fit"]["alpha"] == pytest.approx(alpha, rel=1e-3)
+    assert fit["fit"]["E"] == pytest.approx(e, rel=1e-3)
+    assert [r["best_val_loss"] for r in fit["runs"]] == pytest.approx([e + a * n**-alpha for *_, n in RUNS])
+    assert "of val/code/bpb over N" in stdout
+
+    code, _, err = _main(capsys, "report", str(tmp_path), "--metric", "val/web/bpb")
+    assert code == 2 and len(err) == 1
+    assert "--metric: no run has 'val/web/bpb'" in err[0] and "val/code/bpb" in err[0]
+
+
+def test_fit_csv_metric_names_the_column(tmp_path: Path, capsys):
+    (tmp_path / "runs.csv").write_text("params,tokens,val/code/bpb\n1,2,3\n")
+    code, _, err = _main(capsys, "fit", "--csv", str(tmp_path / "runs.csv"))
+    assert code == 2 and "missing column(s) loss" in err[0]
+    code, _, err = _main(capsys, "fit", "--csv", str(tmp_path / "runs.csv"), "--metric", "val/code/bpb")
+    assert code == 2 and "missing column" not in err[0]  # the column is found; 1 row is too few to fit

@@ -39,6 +39,8 @@ CASES = [
     ("unknown_dataset", ["data.name=baz"], "data.name"),
     ("tokens_missing_dir", ["data=tokens", "data.path={missing}", "data.vocab_size=512"], "data.path"),
     ("tokens_no_path", ["data=tokens"], "data.path"),
+    ("mixture_zero_weight", ["data=tokens", "+data.mixture={{a:{{path:{missing},weight:0}}}}"], "data.mixture.a.weight"),
+    ("eval_set_not_prepared", ["+data.eval.code={missing}"], "data.eval.code"),
     ("wrong_type", ["model.d_model=abc"], "model.d_model"),
     ("unknown_preset", ["optim=adamww"], "optim"),
     ("unknown_preset_in_sweep", ["-m", "model=xs,nope"], "model"),

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from research import data
 from research import sharding as shd
-from research.config import ConfigError, DataConfig
+from research.config import ConfigError, DataConfig, MixtureSource
 
 
 # ------------------------------------------------------------ stdlib
@@ -132,10 +132,22 @@ def test_host_batch_rows_are_corpus_windows(stdlib):
             np.testing.assert_array_equal(row[1:], arr[o + 1 : o + L + 1])
 
 
-def test_window_offsets_cover_corpus():
-    offs = data.window_offsets(0, data.TRAIN, 0, 10_000, 1000, 65)
-    assert offs.min() >= 0 and offs.max() < 1000 - 65  # every window fits the split
-    assert len(np.unique(offs)) > 500
+def test_each_epoch_visits_every_window_once():
+    """Windows of 65 tokens at stride 64; the rows of consecutive steps run through a shuffled
+    epoch, then the next epoch in another order; any step is computed alone (pure in (seed, step))."""
+    n_tokens, length, rows = 64 * 30 + 1, 65, 4  # 30 windows; an epoch ends mid-step (30 / 4)
+    assert data.n_windows(n_tokens, 64) == 30
+    stream = np.concatenate([data.window_offsets(0, data.TRAIN, s, rows, n_tokens, length) for s in range(15)])
+    assert stream.max() + length <= n_tokens and (stream % 64 == 0).all()  # every window fits the split
+    epochs = stream.reshape(2, 30)
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(30) * 64)  # each window exactly once
+    assert not np.array_equal(epochs[0], epochs[1])  # a fresh order each epoch
+    assert not np.array_equal(epochs[0], np.arange(30) * 64)  # shuffled
+    data._epoch_order.cache_clear()
+    np.testing.assert_array_equal(data.window_offsets(0, data.TRAIN, 11, rows, n_tokens, length), stream[44:48])
+    other = data.window_offsets(1, data.TRAIN, 0, 30, n_tokens, length)
+    assert not np.array_equal(other, epochs[0])  # another seed, another order
 
 
 # ------------------------------------------------------------ tokens
@@ -232,3 +244,98 @@ def test_device_batch_sharded_over_batch(shape):
     # Devices that differ only in the tensor axis hold the same rows.
     distinct = {(s.index[0].start, s.index[0].stop) for s in arr.addressable_shards}
     assert len(distinct) == dp
+
+
+# ------------------------------------------------------------ prepared corpora, mixtures, eval sets
+
+
+def _prepared(tmp_path: Path, name: str, texts: list[str], tokenizer: str = "bytes") -> Path:
+    from research import prepare
+
+    src = tmp_path / f"{name}_txt"
+    src.mkdir()
+    for i, t in enumerate(texts):
+        (src / f"{i}.txt").write_text(t)
+    prepare.prepare([str(src)], tmp_path / name, tokenizer, val_fraction=0.3)
+    return tmp_path / name
+
+
+def _texts(letter: str, n: int = 30) -> list[str]:
+    return [f"{letter * (i % 7 + 1)} {i} " * 20 for i in range(n)]
+
+
+def test_tokens_reads_a_prepared_dir_without_vocab_size(tmp_path):
+    root = _prepared(tmp_path, "web", _texts("a"))
+    meta = json.loads((root / "meta.json").read_text())
+    corpus = data.load(DataConfig(name="tokens", path=str(root), seq_len=16))
+    assert corpus.vocab_size == 257 and corpus.info["corpus_hash"] == meta["content_hash"]
+    assert corpus.info["eos_id"] == 256 and len(corpus.val) == meta["splits"]["val"]["tokens"]
+    with pytest.raises(ConfigError) as info:
+        data.load(DataConfig(name="tokens", path=str(root), seq_len=16, vocab_size=256))
+    assert info.value.field == "data.vocab_size" and "257" in str(info.value)
+    # A train.bin / val.bin pair without meta.json still needs data.vocab_size.
+    _write_tokens(tmp_path / "nano", np.arange(100), np.arange(50))
+    with pytest.raises(ConfigError) as info:
+        data.load(DataConfig(name="tokens", path=str(tmp_path / "nano"), seq_len=16))
+    assert info.value.field == "data.vocab_size"
+
+
+def test_bits_per_byte_from_the_splits_counts(tmp_path, stdlib):
+    """bpb = loss x tokens / (bytes x ln 2) of the split; on the stdlib bytes a token is a byte."""
+    import math
+
+    assert stdlib.bpb(data.VAL, 2.0) == pytest.approx(2.0 / math.log(2), rel=1e-12)
+    root = _prepared(tmp_path, "web", _texts("a"))
+    val = json.loads((root / "meta.json").read_text())["splits"]["val"]
+    corpus = data.load(DataConfig(name="tokens", path=str(root), seq_len=16))
+    assert val["tokens"] == val["bytes"] + val["documents"]  # bytes tokenizer: + one eos per document
+    assert corpus.bpb(data.VAL, 2.0) == pytest.approx(2.0 * val["tokens"] / (val["bytes"] * math.log(2)), rel=1e-12)
+    synthetic = data.load(DataConfig(name="synthetic", synthetic_tokens=5000, seq_len=16))
+    assert synthetic.bpb(data.VAL, 2.0) is None  # not text: no bits per byte
+
+
+def test_split_rows_by_weight():
+    assert data.split_rows({"a": 0.7, "b": 0.3}, 16) == {"a": 11, "b": 5}  # 11.2, 4.8 -> largest remainder
+    assert data.split_rows({"a": 1, "b": 1, "c": 1}, 16) == {"a": 6, "b": 5, "c": 5}  # ties: mixture order
+    assert data.split_rows({"a": 2, "b": 6}, 8) == {"a": 2, "b": 6}
+    for w in ({"a": 0.11, "b": 0.5, "c": 0.39}, {"x": 1e-3, "y": 1.0}):
+        assert sum(data.split_rows(w, 32).values()) == 32
+
+
+def test_mixture_rows_come_from_their_sources(tmp_path):
+    web = _prepared(tmp_path, "web", _texts("a"))
+    code = _prepared(tmp_path, "code", _texts("b"))
+    cfg = DataConfig(name="tokens", seq_len=16, mixture={"web": MixtureSource(str(web), 3.0),
+                                                         "code": MixtureSource(str(code), 1.0)})
+    mix = data.load_mixture(cfg, 8)
+    assert mix.names == ["web", "code"] and mix.rows == [6, 2]
+    batch = data.host_batch(mix, data.TRAIN, 0, 5, 8, 16)
+    assert batch.shape == (8, 17)
+    letters = [set(bytes(r[r < 256].astype(np.uint8)).decode()) - set(" 0123456789") for r in batch]
+    assert all(s <= {"a"} for s in letters[:6]) and all(s <= {"b"} for s in letters[6:])
+    for lo, hi in ((0, 4), (4, 8), (5, 7)):  # a process's rows are the same rows
+        np.testing.assert_array_equal(data.host_batch(mix, data.TRAIN, 0, 5, 8, 16, (lo, hi)), batch[lo:hi])
+    epochs = mix.epochs(10, 16)
+    assert epochs["web"] == pytest.approx(60 / data.n_windows(len(mix.corpora[0].train), 16))
+    sets = data.eval_sets(DataConfig(name="tokens", seq_len=16, mixture=cfg.mixture, eval={"more": str(web)}), mix)
+    assert list(sets) == ["web", "code", "more"]
+    with pytest.raises(ConfigError) as info:
+        data.eval_sets(DataConfig(name="tokens", seq_len=16, eval={"web": str(web)}), mix)
+    assert info.value.field == "data.eval.web"
+
+
+def test_mixture_refuses_other_tokenizers_and_empty_shares(tmp_path):
+    web = _prepared(tmp_path, "web", _texts("a"))
+    bpe = _prepared(tmp_path, "bpe", _texts("b"), "bpe:300")
+    mixture = {"web": MixtureSource(str(web)), "bpe": MixtureSource(str(bpe))}
+    with pytest.raises(ConfigError) as info:
+        data.load_mixture(DataConfig(name="tokens", seq_len=16, mixture=mixture), 8)
+    assert info.value.field == "data.mixture.bpe.path" and "same --tokenizer" in str(info.value)
+    mixture = {"web": MixtureSource(str(web), 1.0), "other": MixtureSource(str(web), 0.01)}
+    with pytest.raises(ConfigError) as info:
+        data.load_mixture(DataConfig(name="tokens", seq_len=16, mixture=mixture), 8)
+    assert info.value.field == "data.mixture.other.weight"
+    with pytest.raises(ConfigError) as info:
+        data.eval_sets(DataConfig(name="stdlib", eval={"x": str(tmp_path)}),
+                       data.Mixture(["web"], [data.load(DataConfig(name="tokens", path=str(web), seq_len=16))], [8]))
+    assert info.value.field == "data.eval.x" and "meta.json" in str(info.value)

@@ -19,6 +19,9 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml
 
 def test_job_dirname_is_the_overrides_and_fits_a_filesystem():
     assert sweep.job_dirname("model.d_model=64,optim.lr=0.01") == "model.d_model=64,optim.lr=0.01"
+    # A path in a value stays in one directory name, and distinct values stay distinct.
+    assert sweep.job_dirname("data.path=data/web,x=1") == "data.path=data%2Fweb,x=1"
+    assert sweep.job_dirname("data.path=data%2Fweb,x=1") == "data.path=data%252Fweb,x=1"
     long = ",".join(f"model.field_{i}={i}" for i in range(40))
     short = sweep.job_dirname(long)
     assert len(short.encode()) <= sweep.MAX_DIRNAME and short.startswith("model.field_0=0,")

@@ -34,6 +34,12 @@ def test_run_dir_is_complete(cli_run):
         assert METRIC_KEYS <= r.keys()
         assert r["tokens"] == r["step"] * 16 * 32
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
+    for r in rows:
+        assert r.get("val/synthetic/loss") == r.get("val_loss")  # the primary eval set, by its name
+        assert "val/synthetic/bpb" not in r  # synthetic tokens are not text
+    # Epochs: 16 rows of 33 tokens per step, windows at stride 32 over the synthetic training stream.
+    assert [r["epoch"] for r in train_rows] == pytest.approx([r["step"] * 16 / ((1_000_000 - 1) // 32)
+                                                              for r in train_rows])
     summary = json.loads((cli_run / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["status"] == "completed"
@@ -54,6 +60,7 @@ def test_tensorboard_reads_the_events(cli_run):
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [5, 10, 15, 20]
     assert [e.step for e in acc.Scalars("eval/val_loss")] == [10, 20]
+    assert [e.step for e in acc.Scalars("eval/synthetic/loss")] == [10, 20]  # val/<set>/loss
 
 
 def test_rerun_resumes_from_checkpoint(repo, cli_run):

@@ -54,21 +54,24 @@ def _dress(ax, xlabel: str, ylabel: str, title: str, logx: bool = True, logy: bo
 # ---------------------------------------------------------------- scaling
 
 
-def loss_vs_params(df: pd.DataFrame, fit: dict | None, x_col: str, out: str | Path | None):
-    """Final val loss against `x_col` (log x), one colour per depth, with the fitted law if given."""
+def loss_vs_params(df: pd.DataFrame, fit: dict | None, x_col: str, out: str | Path | None,
+                   y_col: str = "final_val_loss"):
+    """`y_col` (default: final val loss) against `x_col` (log x), one colour per depth, with the fitted law if given."""
     fig = Figure(layout="constrained", figsize=(6, 4.2))
     ax = fig.add_subplot()
     depths = sorted(df["model.n_layers"].unique()) if "model.n_layers" in df else [None]
     for depth in depths:
         sub = df if depth is None else df[df["model.n_layers"] == depth]
-        ax.scatter(sub[x_col], sub["final_val_loss"], label=f"{depth} layers" if depth else None, zorder=3)
+        ax.scatter(sub[x_col], sub[y_col], label=f"{depth} layers" if depth else None, zorder=3)
     if fit:
         xs = np.geomspace(df[x_col].min() / 1.5, df[x_col].max() * 1.5, 200)
         label = f"L = {fit['E']:.3f} + {fit['A']:.3g} N^-{fit['alpha']:.3f}"
         if "ci" in fit:
             label += f"\nalpha 95% CI [{fit['ci']['alpha'][0]:.3f}, {fit['ci']['alpha'][1]:.3f}]"
         ax.plot(xs, power_law(xs, fit["E"], fit["A"], fit["alpha"]), "k--", label=label)
-    _dress(ax, x_col.replace("_", " "), "final validation loss (nats/token)", "Loss vs model size")
+    ylabel = "final validation loss (nats/token)" if y_col == "final_val_loss" else \
+        f"final {y_col}" + (" (bits/byte)" if y_col.endswith("/bpb") else "")
+    _dress(ax, x_col.replace("_", " "), ylabel, "Loss vs model size")
     return _finish(fig, out)
 
 

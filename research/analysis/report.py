@@ -3,6 +3,8 @@
 `write_report(dirs, out)` is what `python -m research.analyze report` runs:
 
 - every run in a table; runs that did not complete are listed and left out of fits;
+- the loss fitted is `final_val_loss` (the primary eval set's), or any other
+  summary.json value named by `metric` (e.g. `val/code/bpb`: one eval set in bits per byte);
 - a sweep of sizes: L(N) = E + A N^-alpha over non-embedding params N (Kaplan
   et al. 2020's choice: embeddings distort small-model laws), with bootstrap CIs;
 - an isoFLOP sweep (runs with `train.flops_budget` set): Chinchilla Approach 2
@@ -29,7 +31,7 @@ from research.analysis import plots
 from research.analysis.fit import fit_power_law
 from research.analysis.frontier import fit_approach1, training_curves
 from research.analysis.isoflop import fit_approach2
-from research.analysis.runs import completed, load_curves, load_dirs
+from research.analysis.runs import best_val_loss, completed, load_curves, load_dirs
 
 X_COL = "non_embedding_params"
 BUDGET_COL = "train.flops_budget"
@@ -37,8 +39,8 @@ N_BOOT = 200
 SMOOTH = 3  # logged train-loss points averaged for the compute frontier
 
 
-def _table(df: pd.DataFrame) -> str:
-    cols = ["model.d_model", "model.n_layers", BUDGET_COL, "params", X_COL, "final_val_loss",
+def _table(df: pd.DataFrame, metric: str) -> str:
+    cols = ["model.d_model", "model.n_layers", BUDGET_COL, "params", X_COL, metric,
             "best_val_loss", "status"]
     cols = [c for c in cols if c in df and not (c == BUDGET_COL and df[c].isna().all())]
     view = df[cols].rename(columns={"model.d_model": "d_model", "model.n_layers": "n_layers",
@@ -51,30 +53,33 @@ def _ci(fit: dict, key: str) -> str:
     return f" [{fit['ci'][key][0]:.4g}, {fit['ci'][key][1]:.4g}]" if "ci" in fit else ""
 
 
-def _select(df: pd.DataFrame, where: str) -> tuple[pd.DataFrame, list[str]]:
-    """Completed runs with a final val loss, and a warning line for each run left out."""
+def _select(df: pd.DataFrame, where: str, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """Completed runs with a final `metric`, and a warning line for each run left out."""
+    if metric != "final_val_loss" and metric not in df:
+        known = sorted(c for c in df.columns if c.startswith("val/") or c == "final_val_loss")
+        raise ValueError(f"--metric: no run has {metric!r} in summary.json; known: {', '.join(known)}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ok = completed(df, "final_val_loss")
+        ok = completed(df, metric)
     if ok.empty:
         raise ValueError(f"{where}: none of the {len(df)} runs completed; nothing to report")
     missing = [c for c in ("params", X_COL) if c not in ok or ok[c].isna().any()]
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(missing)} in summary.json of completed runs")
-    for col in ("params", X_COL, "final_val_loss"):
+    for col in ("params", X_COL, metric):
         bad = ok[pd.to_numeric(ok[col], errors="coerce").fillna(0) <= 0]
         if len(bad):
             raise ValueError(f"{where}: {col} must be positive; {bad['run_dir'].iloc[0]} has {bad[col].iloc[0]}")
     return ok, [f"warning: {w.message}" for w in caught]
 
 
-def _approach2(ok: pd.DataFrame, where: str, lines: list[str]) -> dict:
+def _approach2(ok: pd.DataFrame, where: str, lines: list[str], metric: str) -> dict:
     iso = ok[ok[BUDGET_COL].notna()]
     if "tokens" not in iso:
         raise ValueError(f"{where}: missing column tokens in summary.json of completed runs")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = fit_approach2(iso[BUDGET_COL], iso[X_COL], iso["tokens"], iso["final_val_loss"], n_boot=N_BOOT)
+        fit = fit_approach2(iso[BUDGET_COL], iso[X_COL], iso["tokens"], iso[metric], n_boot=N_BOOT)
     lines += [f"warning: {w.message}" for w in caught]
     prof = pd.DataFrame(fit["profiles"])
     if len(prof) >= 3:
@@ -82,21 +87,24 @@ def _approach2(ok: pd.DataFrame, where: str, lines: list[str]) -> dict:
     return fit
 
 
-def write_report(dirs: list[str], out: str | None = None) -> dict:
-    """Analyse the runs below `dirs`; write the report into `out` (default dirs[0]); return fit.json's dict."""
+def write_report(dirs: list[str], out: str | None = None, metric: str = "final_val_loss") -> dict:
+    """Analyse the runs below `dirs`, fitting `metric`; write the report into `out` (default dirs[0]);
+    return fit.json's dict."""
     where = ", ".join(dirs)
     df = load_dirs(dirs)
-    ok, warn_lines = _select(df, where)
+    ok, warn_lines = _select(df, where, metric)
+    if metric != "final_val_loss":  # best_val_loss: the lowest value of the same metric
+        ok = ok.assign(best_val_loss=[best_val_loss(r, metric) for r in ok["run_dir"]])
     skipped = df[~df.index.isin(ok.index)]
     ok = ok.sort_values([X_COL, "run_dir"]).reset_index(drop=True)
     isoflop = BUDGET_COL in ok and ok[BUDGET_COL].notna().any()
     if not isoflop and len(ok) < 3:
         raise ValueError(f"{where}: need at least 3 completed runs to fit E, A, alpha; got {len(ok)}")
 
-    text = [_table(ok), ""]
-    result = {"law": "L(N) = E + A * N^-alpha", "x": X_COL, "fit": None}
+    text = [_table(ok, metric), ""]
+    result = {"law": "L(N) = E + A * N^-alpha", "x": X_COL, "metric": metric, "fit": None}
     if isoflop:
-        a2 = result["approach2"] = _approach2(ok, where, warn_lines)
+        a2 = result["approach2"] = _approach2(ok, where, warn_lines, metric)
         text += [f"Approach 2 (IsoFLOP profiles, {len(a2['profiles'])} budgets): "
                  f"N_opt = {a2['k_N']:.4g} C^{a2['a']:.4f}{_ci(a2, 'a')}, "
                  f"D_opt = {a2['k_D']:.4g} C^{a2['b']:.4f}{_ci(a2, 'b')}"]
@@ -104,8 +112,8 @@ def write_report(dirs: list[str], out: str | None = None) -> dict:
                  f"loss {p['loss_opt']:.4f}{'' if p['inside'] else ' (outside the sizes tried)'}"
                  for p in a2["profiles"]]
     else:
-        fit = result["fit"] = fit_power_law(ok[X_COL], ok["final_val_loss"], n_boot=N_BOOT)
-        text += [f"L(N) = E + A * N^-alpha over N = non-embedding params ({fit['n']} runs, 95% CI):",
+        fit = result["fit"] = fit_power_law(ok[X_COL], ok[metric], n_boot=N_BOOT)
+        text += [f"L(N) = E + A * N^-alpha of {metric} over N = non-embedding params ({fit['n']} runs, 95% CI):",
                  f"  E = {fit['E']:.4f}{_ci(fit, 'E')}   A = {fit['A']:.4g}{_ci(fit, 'A')}   "
                  f"alpha = {fit['alpha']:.4f}{_ci(fit, 'alpha')}   rmse(log L) = {fit['rmse_log']:.4f}"]
 
@@ -126,7 +134,7 @@ def write_report(dirs: list[str], out: str | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = {r: Path(r).name for r in ok["run_dir"]}
     written = [
-        plots.loss_vs_params(ok, result["fit"], X_COL, out_dir / "loss_vs_params.png"),
+        plots.loss_vs_params(ok, result["fit"], X_COL, out_dir / "loss_vs_params.png", metric),
         plots.loss_curves({names[r]: load_curves(r) for r in ok["run_dir"]},
                           dict(zip(map(names.get, ok["run_dir"]), ok[X_COL])), out_dir / "loss_curves.png"),
     ]
@@ -134,8 +142,9 @@ def write_report(dirs: list[str], out: str | None = None) -> dict:
         written.append(plots.compute_frontier(curves, a1, out_dir / "compute_frontier.png", result.get("approach2")))
     if isoflop:
         written.append(plots.isoflop_curves(ok[ok[BUDGET_COL].notna()], result["approach2"],
-                                            out_dir / "isoflop.png", n_col=X_COL))
-    result["runs"] = ok[["run_dir", "params", X_COL, "final_val_loss", "best_val_loss"]].to_dict("records")
+                                            out_dir / "isoflop.png", n_col=X_COL, loss_col=metric))
+    result["runs"] = ok[["run_dir", "params", X_COL, *dict.fromkeys(["final_val_loss", metric]),
+                         "best_val_loss"]].to_dict("records")
     result["skipped"] = [{"run_dir": r.run_dir, "status": r.status} for r in skipped.itertuples()]
     (out_dir / "fit.json").write_text(json.dumps(_plain(result), indent=2) + "\n")
     md = ["# Ladder report", "", f"Runs: {where}", "", "```", *text, "```", ""]

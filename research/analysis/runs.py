@@ -69,14 +69,14 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
     return df
 
 
-def best_val_loss(run_dir: str | Path) -> float:
-    """The lowest val_loss logged in a run's metrics.jsonl (NaN if none)."""
+def best_val_loss(run_dir: str | Path, key: str = "val_loss") -> float:
+    """The lowest `key` (default val_loss; e.g. val/code/bpb) logged in a run's metrics.jsonl (NaN if none)."""
     path = Path(run_dir) / "metrics.jsonl"
     best = math.nan
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                value = json.loads(line).get("val_loss")
+                value = json.loads(line).get(key)
             except (json.JSONDecodeError, AttributeError):
                 continue  # a half-written last line of a killed run
             if isinstance(value, (int, float)) and math.isfinite(value) and (math.isnan(best) or value < best):
