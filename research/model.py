@@ -1,4 +1,5 @@
-"""Flax NNX decoder-only Transformer (pre-norm, causal self-attention, GELU or SwiGLU MLP).
+"""Flax NNX decoder-only Transformer: pre-norm blocks of causal self-attention (multi-head
+or grouped-query, optionally QK-normed) and a GELU or SwiGLU MLP.
 
 Tensor names carry their shapes. Single-letter dimensions:
   B  batch (sequences)          L  sequence length
@@ -141,7 +142,7 @@ class Block(nnx.Module):
         D, H, G, K, F, S = cfg.d_model, cfg.n_heads, kv_heads(cfg), d_head(cfg), d_ff(cfg), stack
         std, out_std = mult.hidden_std, mult.out_std
         self.n_heads, self.dtype, self.attention = H, jnp.dtype(cfg.dtype), cfg.attention
-        self.matmul, self.mlp = cfg.matmul, cfg.mlp
+        self.matmul, self.mlp, self.qk_norm = cfg.matmul, cfg.mlp, cfg.qk_norm
         self.residual, self.attn_scale = mult.residual, mult.attn_scale
         self.attn_norm = Norm(D, cfg.norm, cfg.matmul, stack=S)
         self.wq = _param(rngs, (S, D, H * K), ("layers", "embed", "heads"), std)
@@ -172,7 +173,7 @@ class Block(nnx.Module):
         h_NxD = self.attn_norm(x_BxLxD.reshape(B * L, D))
         q_NxHK, k_NxGK, v_NxGK = self._mms(h_NxD, self.wq, self.wk, self.wv)
         K = D // self.n_heads
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q_NxHK = self.q_norm(q_NxHK.reshape(-1, K)).reshape(q_NxHK.shape)
             k_NxGK = self.k_norm(k_NxGK.reshape(-1, K)).reshape(k_NxGK.shape)
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (y.reshape(B, L, -1, K) for y in (q_NxHK, k_NxGK, v_NxGK))
