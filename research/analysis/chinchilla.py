@@ -86,11 +86,12 @@ def _named(theta) -> dict:
 
 
 def fit_approach3(params, tokens, loss, n_boot: int = 100, iters: int = 100, seed: int = 0,
-                  grid_iters: int = 20, refine: int = 64) -> dict:
+                  grid_iters: int = 20, refine: int = 64, keep_boot: bool = False) -> dict:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta; returns the fit, 95% bootstrap CIs and n.
 
     params, tokens, loss: positive 1-D arrays of one length (at least 5).
-    Keys: E, A, B, alpha, beta, a, b, G, ci (each of those -> [lo, hi]), n, objective.
+    Keys: E, A, B, alpha, beta, a, b, G, ci (each of those -> [lo, hi]), n, objective;
+    with `keep_boot`, also "boot": the n_boot refits as named dicts (predict.py uses them).
     """
     n, d, l = _check(params, tokens, loss)
     log_n, log_d, log_l = (jnp.asarray(np.log(x), jnp.float32) for x in (n, d, l))
@@ -112,6 +113,8 @@ def fit_approach3(params, tokens, loss, n_boot: int = 100, iters: int = 100, see
         boot, _ = _many_weights(jnp.asarray(best), log_n, log_d, log_l,
                                 jnp.asarray(counts, jnp.float32), iters)
         named = [_named(t) for t in np.asarray(boot)]
+        if keep_boot:
+            result["boot"] = named
         result["ci"] = {k: [float(np.nanpercentile([r[k] for r in named], 2.5)),
                             float(np.nanpercentile([r[k] for r in named], 97.5))]
                         for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
