@@ -111,6 +111,8 @@ class TrainConfig:
     # so that the run spends C model FLOPs (flops.steps_for_budget).
     flops_budget: float | None = None
     stats_every: int = 0  # per-layer activation / update RMS every N steps; 0 = off
+    # schedule=wsd: fractions of `steps` at which a cooldown branch gives a budget of its own (cooldown.py)
+    cooldowns: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -301,6 +303,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mesh", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     if t.flops_budget is not None:
         _positive("train.flops_budget", t.flops_budget)
+    if t.cooldowns and t.flops_budget is None:  # else checked once steps are derived
+        from research import cooldown  # noqa: PLC0415 (it imports this module)
+
+        cooldown.branches(t.cooldowns, t.steps, s)
     _positive("profile.start_step", cfg.profile.start_step, zero_ok=True)
     _positive("profile.num_steps", cfg.profile.num_steps, zero_ok=True)
     if cfg.profile.num_steps and cfg.profile.start_step + cfg.profile.num_steps > t.steps \

@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import cluster, conf, config, data, flops, hooks, kernels, param, preemption, sweep
+from research import cluster, conf, config, cooldown, data, flops, hooks, kernels, param, preemption, sweep
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
@@ -117,6 +117,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
     vocab = corpus.vocab_size
     cfg = flops.apply_flops_budget(cfg, vocab)
     t, seq_len = cfg.train, cfg.data.seq_len
+    cooldown.branches(t.cooldowns, t.steps, cfg.schedule)  # ConfigError now, not at the branch point
     as_json = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as summary.json holds it
     if skip_completed and (done := sweep.completed_summary(run_dir, as_json)):
         if jax.process_index() == 0:
@@ -199,6 +200,12 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
               f"{devices[0].platform} device(s); compiled in {compile_s:.1f}s", file=sys.stderr)
         print(param.describe(cfg, plan.abstract_params), file=sys.stderr)
 
+    # -- Cooldown branches (train.cooldowns): each runs to its end at its branch point (cooldown.py).
+    cooldowns = cooldown.Cooldowns(
+        cfg, run_dir, vocab, mesh, batch_for, lambda p: evaluate(eval_step, p, corpus, cfg, batch_sharding),
+        {**counts, "flops_per_token": per_token, "corpus": corpus.name, "corpus_hash": corpus.info.get("corpus_hash"),
+         "platform": devices[0].platform, "devices": len(devices)}, start)
+
     # -- The loop. Each step's loss is checked before anything is saved.
     logger = RunLogger(run_dir, cfg, t.steps, start, group=sweep_group)
     status, train_loss, val_loss, message = "completed", None, None, None
@@ -222,6 +229,15 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         with preemption.StopRequest() as stop, hooks.running(loop_hooks, start):
             unchecked = None  # (step, metrics) of the step before, its loss not yet read
             for step in range(start, t.steps):
+                if cooldowns.due(step):  # the state after `step` steps is on disk (saved below, or restored)
+                    branch_t0 = time.perf_counter()
+                    finished = cooldowns.run(step, state, stop)
+                    interval_t0 += time.perf_counter() - branch_t0  # not the main run's training time
+                    if not finished:
+                        status = "preempted"
+                        message = (f"preempted by {stop.name} in a cooldown branch from step {step}: "
+                                   "checkpoints saved; run again to continue")
+                        break
                 batch = next_batch
                 for hook in loop_hooks:
                     hook.before_step(step, state)
@@ -242,7 +258,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                 preempted = stop.requested()
                 log_now = done % t.log_every == 0 or done == t.steps
                 eval_now = bool(t.eval_every and done % t.eval_every == 0) or done == t.steps
-                if not (hook_row or log_now or eval_now or checkpointer.due(done) or preempted):
+                branch_now = cooldowns.due(done)
+                if not (hook_row or log_now or eval_now or checkpointer.due(done) or preempted or branch_now):
                     interval_t0 += hook_s
                     continue
                 # This step logs, evaluates or saves: its loss is checked first.
@@ -271,7 +288,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
                     logger.log(done, {**row, **hook_row})
                 if row:
                     interval_t0, interval_start = time.perf_counter(), done
-                checkpointer.maybe_save(done, state, meta, force=done == t.steps or preempted)
+                checkpointer.maybe_save(done, state, meta, force=done == t.steps or preempted or branch_now)
                 if preempted:
                     status, train_loss = "preempted", loss
                     message = f"preempted by {stop.name} at step {done}: checkpoint saved; run again to continue"
@@ -332,6 +349,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         "stop_signal": stop.name if status == "preempted" and stop.signum else None,
         "config": meta["config"],
     }
+    if t.cooldowns:
+        summary.update(cooldowns.summary(summary["flops"]))
     logger.summary(summary)
     logger.close()
     if message and jax.process_index() == 0:

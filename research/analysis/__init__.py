@@ -15,6 +15,7 @@ _HOME = {
     "fit_loglinear": "fit", "fit_power_law": "fit", "power_law": "fit",
     "envelope": "frontier", "fit_approach1": "frontier", "training_curves": "frontier",
     "fit_approach2": "isoflop",
+    "predict_loss": "predict", "predict_runs": "predict",
     "best_val_loss": "runs", "completed": "runs", "load_curves": "runs", "load_runs": "runs",
     "write_report": "report",
 }

@@ -86,36 +86,42 @@ def _named(theta) -> dict:
 
 
 def fit_approach3(params, tokens, loss, n_boot: int = 100, iters: int = 100, seed: int = 0,
-                  grid_iters: int = 20, refine: int = 64) -> dict:
+                  grid_iters: int = 20, refine: int = 64, keep_boot: bool = False) -> dict:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta; returns the fit, 95% bootstrap CIs and n.
 
     params, tokens, loss: positive 1-D arrays of one length (at least 5).
-    Keys: E, A, B, alpha, beta, a, b, G, ci (each of those -> [lo, hi]), n, objective.
+    Keys: E, A, B, alpha, beta, a, b, G, ci (each of those -> [lo, hi]), n, objective;
+    with `keep_boot`, also "boot": the n_boot refits as named dicts (predict.py uses them).
     """
     n, d, l = _check(params, tokens, loss)
-    log_n, log_d, log_l = (jnp.asarray(np.log(x), jnp.float32) for x in (n, d, l))
-    ones = jnp.ones_like(log_n)
-    # Every start runs `grid_iters` L-BFGS steps; the `refine` best then run `iters` more.
-    # On the tests' known laws the best start is the same as running all 4,500 to the end.
-    thetas, values = _many_starts(jnp.asarray(init_grid()), log_n, log_d, log_l, ones, grid_iters)
-    values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
-    top = np.argsort(values, kind="stable")[:refine]
-    thetas, values = _many_starts(jnp.asarray(np.asarray(thetas)[top]), log_n, log_d, log_l, ones, iters)
-    values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
-    best = np.asarray(thetas)[int(np.argmin(values))]
-    result = _named(best)
-    result["objective"] = float(values.min())
-    result["n"] = int(len(n))
-    if n_boot > 0:
-        rng = np.random.default_rng(seed)
-        counts = rng.multinomial(len(n), np.full(len(n), 1.0 / len(n)), size=n_boot)
-        boot, _ = _many_weights(jnp.asarray(best), log_n, log_d, log_l,
-                                jnp.asarray(counts, jnp.float32), iters)
-        named = [_named(t) for t in np.asarray(boot)]
-        result["ci"] = {k: [float(np.nanpercentile([r[k] for r in named], 2.5)),
-                            float(np.nanpercentile([r[k] for r in named], 97.5))]
-                        for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
-    return result
+    # In float64: in float32, L-BFGS's line search near a flat optimum of real ladder data
+    # (9 rows, a fit with beta > 1) ran for many minutes where float64 takes seconds.
+    with jax.enable_x64(True):
+        log_n, log_d, log_l = (jnp.asarray(np.log(x), jnp.float64) for x in (n, d, l))
+        ones = jnp.ones_like(log_n)
+        # Every start runs `grid_iters` L-BFGS steps; the `refine` best then run `iters` more.
+        # On the tests' known laws the best start is the same as running all 4,500 to the end.
+        thetas, values = _many_starts(jnp.asarray(init_grid(), jnp.float64), log_n, log_d, log_l, ones, grid_iters)
+        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
+        top = np.argsort(values, kind="stable")[:refine]
+        thetas, values = _many_starts(jnp.asarray(np.asarray(thetas)[top]), log_n, log_d, log_l, ones, iters)
+        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
+        best = np.asarray(thetas)[int(np.argmin(values))]
+        result = _named(best)
+        result["objective"] = float(values.min())
+        result["n"] = int(len(n))
+        if n_boot > 0:
+            rng = np.random.default_rng(seed)
+            counts = rng.multinomial(len(n), np.full(len(n), 1.0 / len(n)), size=n_boot)
+            boot, _ = _many_weights(jnp.asarray(best), log_n, log_d, log_l,
+                                    jnp.asarray(counts, jnp.float64), iters)
+            named = [_named(t) for t in np.asarray(boot)]
+            if keep_boot:
+                result["boot"] = named
+            result["ci"] = {k: [float(np.nanpercentile([r[k] for r in named], 2.5)),
+                                float(np.nanpercentile([r[k] for r in named], 97.5))]
+                            for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
+        return result
 
 
 def compute_optimal(fit: dict, flops) -> tuple[np.ndarray, np.ndarray]:
