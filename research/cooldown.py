@@ -112,7 +112,8 @@ class Cooldowns:
     """The run's branches: which are still to run, running one, and what they cost.
 
     `record(extra)` is the summary.json of a branch less the fields that only the
-    loop knows; `evaluate(params)` the val loss; `batch_for(step)` the train batch.
+    loop knows; `evaluate(params)` -> (the primary val loss, {"val/<set>/loss", "val/<set>/bpb"}
+    of every eval set); `batch_for(step)` the train batch.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, vocab: int, mesh, batch_for, evaluate, record: dict,
@@ -188,13 +189,14 @@ class Cooldowns:
         # A branch restored from its checkpoint has steps left (none is saved at its end).
         loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
         finite = bool(np.isfinite(loss) and np.isfinite(grad_norm))
-        val = self.evaluate(state["params"]) if finite else None
+        val, val_row = self.evaluate(state["params"]) if finite else (None, {})
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         summary = {
             **self.record,
             "status": "completed" if finite else "diverged",
             "final_train_loss": loss if finite else None,
             "final_val_loss": val,
+            **val_row,
             "tokens": b.steps * tokens_per_step,
             "flops": self.record["flops_per_token"] * b.steps * tokens_per_step,
             "steps": b.steps,
@@ -208,7 +210,7 @@ class Cooldowns:
         }
         if jax.process_index() == 0:
             out.mkdir(parents=True, exist_ok=True)
-            row = {"step": b.steps, "loss": summary["final_train_loss"], "val_loss": val}
+            row = {"step": b.steps, "loss": summary["final_train_loss"], "val_loss": val, **val_row}
             _write_atomic(out / "metrics.jsonl", json.dumps(row) + "\n")
             _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
             shutil.rmtree(out / "checkpoints", ignore_errors=True)

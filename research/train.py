@@ -201,8 +201,12 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
         print(param.describe(cfg, plan.abstract_params), file=sys.stderr)
 
     # -- Cooldown branches (train.cooldowns): each runs to its end at its branch point (cooldown.py).
+    def branch_eval(params) -> tuple[float, dict]:
+        row = evaluate(eval_step, params, eval_sets, cfg, batch_sharding)
+        return row[primary_loss], row
+
     cooldowns = cooldown.Cooldowns(
-        cfg, run_dir, vocab, mesh, batch_for, lambda p: evaluate(eval_step, p, corpus, cfg, batch_sharding),
+        cfg, run_dir, vocab, mesh, batch_for, branch_eval,
         {**counts, "flops_per_token": per_token, "corpus": corpus.name, "corpus_hash": corpus.info.get("corpus_hash"),
          "platform": devices[0].platform, "devices": len(devices)}, start)
 
