@@ -55,7 +55,8 @@ def test_noisy_law_interval_covers_the_truth():
     # (its half-width is ~1%, the miss 0.1%; asserted below, so a change that narrows the
     # interval to nothing, or biases the point, fails).
     N, D, L = _rows(noise=0.005, seed=3)
-    p = predict_loss(N, D, L, targets=[(3e8, 3e10)], n_boot=200, max_factor=20)["predictions"][0]
+    with pytest.warns(UserWarning, match="extrapolating: C"):  # C is 21x the largest fitted: past 20x
+        p = predict_loss(N, D, L, targets=[(3e8, 3e10)], n_boot=200, max_factor=20)["predictions"][0]
     truth = float(law(TRUE, 3e8, 3e10))
     lo, hi = p["ci"]
     assert lo < truth < hi
@@ -106,7 +107,8 @@ def test_cli_on_run_dirs_and_a_targets_file(tmp_path, capsys):
     assert any("left out of fits" in x and "bad" in x for x in err)
     assert any(x.startswith("warning: extrapolating: D = 5e+11") for x in err)  # 50x: past 10x
     df = load_runs(sweep)  # the notebook function agrees with the CLI
-    again = predict_runs(df, targets=[(1e8, 1e10)], n_boot=20)["predictions"][0]
+    with pytest.warns(UserWarning, match="left out of fits: .*bad"):
+        again = predict_runs(df, targets=[(1e8, 1e10)], n_boot=20)["predictions"][0]
     assert again["loss"] == lines[0]["loss"] and again["ci"] == lines[0]["ci"]
 
 
