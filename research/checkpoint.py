@@ -3,7 +3,12 @@
 Each checkpoint `<step>/` holds two items:
   state/  the train state pytree: params, opt_state, step, rng (Orbax
           StandardSave; readable with plain Orbax, see docs/runs.md);
-  meta/   JSON: the run's config, vocab size, Python version, corpus hash.
+  meta/   JSON: the run's config, vocab size, params layout, Python version,
+          corpus hash.
+
+Whether a checkpoint fits a run is decided here too, from its meta alone and
+before any restore: `check_layout` (the params layout) and `check_compatible`
+(the fields that shape the params, or the whole state to resume).
 
 Restores always read into an abstract target that carries the *current*
 shardings, so a checkpoint written on one mesh loads onto another. Saves are
@@ -17,6 +22,7 @@ before it is used.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -26,7 +32,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from research.config import ConfigError
+from research.config import Config, ConfigError
 
 
 class CheckpointError(RuntimeError):
@@ -198,6 +204,37 @@ def check_layout(meta: dict, where: str, field: str) -> None:
         raise ConfigError(field, f"{where} was written with {layout} (before the blocks were stacked "
                           f"into one scanned layer); this version reads only {PARAM_LAYOUT}: "
                           "use another run dir, or an earlier Ladder to read it (it is left as it is)")
+
+
+# Fields whose change makes a checkpoint's params (or, to resume, its whole state) unusable.
+PARAM_FIELDS = ("model.d_model", "model.n_layers", "model.n_heads", "model.mlp_ratio",
+                "model.mlp", "model.mlp_hidden", "model.n_kv_heads", "model.qk_norm",
+                "model.norm", "model.pos", "model.tie_embeddings", "model.share_layers")
+# param.name too: mup and completep add a link to the optimizer chain (and change the dynamics).
+STATE_FIELDS = (*PARAM_FIELDS, "optim.name", "param.name")
+DEFAULTS = dataclasses.asdict(Config())
+
+
+def _get(d: dict, dotted: str):
+    """d[a][b] for 'a.b'; a field a checkpoint predates (e.g. param) reads as its default."""
+    default = DEFAULTS
+    for key in dotted.split("."):
+        default = default[key]
+        d = d.get(key, default) if isinstance(d, dict) else default
+    return d
+
+
+def check_compatible(meta: dict, cfg: Config, vocab: int, where: str, field: str) -> None:
+    """ConfigError unless a checkpoint with `meta` fits this run's state."""
+    check_layout(meta, where, field)
+    current = dataclasses.asdict(cfg)
+    for name in STATE_FIELDS if field == "checkpoint.resume" else PARAM_FIELDS:
+        if _get(meta["config"], name) != _get(current, name):
+            raise ConfigError(
+                name, f"{_get(current, name)!r}, but {where} was written with {_get(meta['config'], name)!r}; "
+                f"use another run dir (or checkpoint.init_from to start from its params)")
+    if meta["vocab_size"] != vocab:
+        raise ConfigError("data", f"vocab {vocab}, but {where} was written with vocab {meta['vocab_size']}")
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, int]:

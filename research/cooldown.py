@@ -111,7 +111,7 @@ def _write_atomic(path: Path, text: str) -> None:
 class Cooldowns:
     """The run's branches: which are still to run, running one, and what they cost.
 
-    `record(extra)` is the summary.json of a branch less the fields that only the
+    `record` is the summary.json of a branch less the fields that only the
     loop knows; `evaluate(params)` -> (the primary val loss, {"val/<set>/loss", "val/<set>/bpb"}
     of every eval set); `batch_for(step)` the train batch.
     """

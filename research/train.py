@@ -38,37 +38,6 @@ EXIT_DIVERGED = 3
 EXIT_CHECKPOINT_FAILED = 4
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a restart continues exactly
 
-# Fields whose change makes a checkpoint's params (or, to resume, its whole state) unusable.
-PARAM_FIELDS = ("model.d_model", "model.n_layers", "model.n_heads", "model.mlp_ratio",
-                "model.mlp", "model.mlp_hidden", "model.n_kv_heads", "model.qk_norm",
-                "model.norm", "model.pos", "model.tie_embeddings", "model.share_layers")
-# param.name too: mup and completep add a link to the optimizer chain (and change the dynamics).
-STATE_FIELDS = (*PARAM_FIELDS, "optim.name", "param.name")
-DEFAULTS = dataclasses.asdict(config.Config())
-
-
-def _get(d: dict, dotted: str):
-    """d[a][b] for 'a.b'; a field a checkpoint predates (e.g. param) reads as its default."""
-    default = DEFAULTS
-    for key in dotted.split("."):
-        default = default[key]
-        d = d.get(key, default) if isinstance(d, dict) else default
-    return d
-
-
-def check_compatible(meta: dict, cfg: config.Config, vocab: int, where: str, field: str) -> None:
-    """ConfigError unless a checkpoint with `meta` fits this run's state."""
-    ckpt.check_layout(meta, where, field)
-    current = dataclasses.asdict(cfg)
-    for name in STATE_FIELDS if field == "checkpoint.resume" else PARAM_FIELDS:
-        if _get(meta["config"], name) != _get(current, name):
-            raise ConfigError(
-                name, f"{_get(current, name)!r}, but {where} was written with {_get(meta['config'], name)!r}; "
-                f"use another run dir (or checkpoint.init_from to start from its params)")
-    if meta["vocab_size"] != vocab:
-        raise ConfigError("data", f"vocab {vocab}, but {where} was written with vocab {meta['vocab_size']}")
-
-
 def evaluate(eval_step, params, sets: dict[str, data.Corpus], cfg: config.Config, batch_sharding) -> dict:
     """{"val/<name>/loss", "val/<name>/bpb"} of every eval set: mean loss over the same
     `train.eval_batches` validation batches every time, and bits per byte where the set is text."""
@@ -135,7 +104,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
             init_dir, init_step = ckpt.find_checkpoint(c.init_from)
         except FileNotFoundError as err:
             raise ConfigError("checkpoint.init_from", str(err)) from None
-        check_compatible(ckpt.Checkpointer(init_dir).meta(init_step), cfg, vocab,
+        ckpt.check_compatible(ckpt.Checkpointer(init_dir).meta(init_step), cfg, vocab,
                          f"{init_dir / str(init_step)}", "checkpoint.init_from")
 
     # -- Model, optimizer, kernels, plugins and the shardings of the whole train state.
@@ -147,7 +116,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
 
     # -- Resume (newest good checkpoint, any mesh), warm start, or fresh init.
     def check_resume(saved: dict) -> None:
-        check_compatible(saved, cfg, vocab, f"{checkpointer.directory}", "checkpoint.resume")
+        ckpt.check_compatible(saved, cfg, vocab, f"{checkpointer.directory}", "checkpoint.resume")
 
     init_t0 = time.perf_counter()
     resumed_step, state, saved_meta = checkpointer.restore_latest(plan.abstract_state(), check_resume)

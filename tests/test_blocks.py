@@ -326,7 +326,7 @@ def test_resume_and_init_from_check_the_block_fields(override):
     resume and checkpoint.init_from check. A checkpoint from before the knobs existed reads
     them as their defaults (today's block), so it still fits a default run."""
     from research import config
-    from research.checkpoint import PARAM_LAYOUT
+    from research.checkpoint import PARAM_LAYOUT, check_compatible
 
     written = config.parse(compose(*TINY))
     meta = {"config": dataclasses.asdict(written), "vocab_size": 256, "param_layout": PARAM_LAYOUT}
@@ -334,9 +334,9 @@ def test_resume_and_init_from_check_the_block_fields(override):
     field = override.split("=")[0]
     for where in ("checkpoint.resume", "checkpoint.init_from"):
         with pytest.raises(ConfigError) as err:
-            train.check_compatible(meta, changed, 256, "RUN/checkpoints/3", where)
+            check_compatible(meta, changed, 256, "RUN/checkpoints/3", where)
         assert err.value.field == field
     older = json.loads(json.dumps(meta))
     for name in ("mlp", "mlp_hidden", "n_kv_heads", "qk_norm"):
         del older["config"]["model"][name]
-    train.check_compatible(older, written, 256, "RUN/checkpoints/3", "checkpoint.resume")
+    check_compatible(older, written, 256, "RUN/checkpoints/3", "checkpoint.resume")

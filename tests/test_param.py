@@ -16,7 +16,7 @@ from research import step as steplib
 from research.attention import chunked_attention, xla_attention
 from research.config import Config, ConfigError, ModelConfig, OptimConfig, ParamConfig, ScheduleConfig
 from research.checkpoint import PARAM_LAYOUT
-from research.train import check_compatible
+from research.checkpoint import check_compatible
 from tests.conftest import TINY, compose, train_steps
 
 BASE = ("param.base_width=32", "param.base_depth=1")  # TINY is d_model 32; one layer below
