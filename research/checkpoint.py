@@ -39,6 +39,22 @@ class CheckpointError(RuntimeError):
     """A save failed (disk full, read-only, ...): one line naming the directory."""
 
 
+GLOB_CHARS = "[]*?"
+
+
+def check_directory(directory: str | Path, field_name: str) -> None:
+    """ConfigError naming `field_name` if the absolute `directory` holds a glob metacharacter.
+
+    Orbax (0.12) finds a checkpoint's per-process files with a glob below the step's
+    directory; below a `[`, the glob matches nothing, the files are never merged, and the
+    checkpoint saves without error but cannot be restored.
+    """
+    path = str(Path(directory).absolute())
+    if bad := sorted({c for c in path if c in GLOB_CHARS}):
+        raise ConfigError(field_name, f"{path} contains {' '.join(bad)}: Orbax finds checkpoint files by glob, "
+                          f"so checkpoints below it cannot be read back; use a directory without {' '.join(GLOB_CHARS)}")
+
+
 def _warn(msg: str) -> None:
     if jax.process_index() == 0:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
@@ -48,6 +64,7 @@ class Checkpointer:
     """`ocp.CheckpointManager` with the run's save and keep policy."""
 
     def __init__(self, directory: str | Path, every: int = 0, keep: int = 3, keep_every: int = 0):
+        check_directory(directory, "checkpoint directory")
         self.directory = Path(directory).absolute()
         self.every = every
         self.options = ocp.CheckpointManagerOptions(

@@ -33,11 +33,15 @@ MAX_DIRNAME = 200  # bytes; most filesystems refuse names over 255
 
 def job_dirname(override_dirname: str) -> str:
     """A job's directory name: its overrides (`k=v,k=v`), shortened with a hash if too long.
-    A `/` in a value (a path: data.path=data/web) is written `%2F`, so each job is one directory.
+    A `/` in a value (a path: data.path=data/web) is written `%2F`, so each job is one directory,
+    and the glob metacharacters of a list or pattern (`[`, `]`, `*`, `?`) as `%5B`, `%5D`, `%2A`,
+    `%3F`: Orbax cannot read back checkpoints below a `[` (checkpoint.check_directory).
 
     Used as `${ladder_dirname:${hydra:job.override_dirname}}` in conf/train.yaml.
     """
-    name = (override_dirname or "default").replace("%", "%25").replace("/", "%2F")
+    name = (override_dirname or "default").replace("%", "%25")
+    for char, code in (("/", "%2F"), ("[", "%5B"), ("]", "%5D"), ("*", "%2A"), ("?", "%3F")):
+        name = name.replace(char, code)
     if len(name.encode()) <= MAX_DIRNAME:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]

@@ -26,6 +26,29 @@ def test_job_dirname_is_the_overrides_and_fits_a_filesystem():
     short = sweep.job_dirname(long)
     assert len(short.encode()) <= sweep.MAX_DIRNAME and short.startswith("model.field_0=0,")
     assert short != sweep.job_dirname(long + ",x=1")  # the hash keeps names distinct
+    # Glob metacharacters (a list, a pattern) are encoded too: see the test below.
+    assert sweep.job_dirname("train.cooldowns=[0.5,1.0],x=a*?") == "train.cooldowns=%5B0.5,1.0%5D,x=a%2A%3F"
+
+
+def test_list_override_job_checkpoints_read_back_and_a_bracketed_run_dir_is_refused(repo, tmp_path):
+    """Orbax globs for a checkpoint's per-process files below the step's directory: below a
+    literal `[` (a list override in the job dir name) it saved checkpoints that could not be
+    restored. The job dir encodes the brackets, and a run dir holding one is a config error."""
+    import research
+
+    sweep_dir = tmp_path / "sweep"
+    proc = train_cli(repo, "-m", *TINY, "train.steps=4", "train.eval_every=0", "schedule=wsd",
+                     "schedule.warmup=1", "train.cooldowns=[0.5,1.0]", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (job,) = [e["run_dir"] for e in sweep.read_index(sweep_dir)]
+    assert ",train.cooldowns=%5B0.5,1.0%5D," in Path(job).name
+    cfg, _, _, step = research.load_run(job)  # restores the final checkpoint's params
+    assert step == 4 and cfg.train.cooldowns == [0.5, 1.0]
+
+    bad = tmp_path / "run[1]"
+    with pytest.raises(config.ConfigError, match=r"hydra.run.dir: .*run\[1\] contains \[ \]: Orbax"):
+        train.run(compose(*TINY, "train.steps=8"), bad)
+    assert not bad.exists()  # refused before anything was written
 
 
 def test_index_keeps_the_latest_record_per_job_and_skips_cut_lines(tmp_path):
