@@ -25,7 +25,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from research.analysis.predict import predict_loss
+from research.analysis.chinchilla import fit_approach3
+from research.analysis.predict import law, predict_loss
 from research.analysis.runs import completed, load_runs
 
 
@@ -58,10 +59,15 @@ def score(grid: pd.DataFrame, heldout: pd.DataFrame, factor: float, min_sizes: i
             targets = pool[outside & (6 * pool["params"] * pool["tokens"] >= factor * largest)]
             if targets.empty:
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # extrapolation warnings: the ratio is in the table
-                fit = predict_loss(rows["params"], rows["tokens"], rows["loss"],
-                                   targets=targets[["params", "tokens"]].to_numpy(), n_boot=max(boot, 10))
+            if boot:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # extrapolation warnings: the ratio is in the table
+                    fit = predict_loss(rows["params"], rows["tokens"], rows["loss"],
+                                       targets=targets[["params", "tokens"]].to_numpy(), n_boot=boot)
+            else:  # the point predictions only: one fit, no bootstrap
+                one = fit_approach3(rows["params"], rows["tokens"], rows["loss"], n_boot=0)
+                fit = {"fit": one, "predictions": [{"loss": float(law(one, n, d))}
+                                                   for n, d in zip(targets["params"], targets["tokens"])]}
             for (_, t), p in zip(targets.iterrows(), fit["predictions"]):
                 entry = {"sizes": len(sizes), "budgets": len(budgets), "n_min": min(sizes), "n_max": max(sizes),
                          "d_min": min(budgets), "d_max": max(budgets), "target_n": t["params"],
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--factor", type=float, default=2.0, help="least compute ratio of a target (default 2)")
     ap.add_argument("--min-sizes", type=int, default=3)
     ap.add_argument("--min-budgets", type=int, default=3)
-    ap.add_argument("--boot", type=int, default=0, help="bootstrap resamples for intervals (0: none)")
+    ap.add_argument("--boot", type=int, default=0, help="bootstrap resamples for intervals (0: none, else >= 10)")
     ap.add_argument("--n-col", default="params", help="params or non_embedding_params")
     ap.add_argument("--csv", help="also write every prediction here")
     ap.add_argument("--plot", help="also draw the errors here (a .png)")

@@ -36,8 +36,8 @@ def test_sub_ladders_of_an_exact_law_predict_exactly(tmp_path):
     sizes, budgets = [2e4, 4e4, 8e4, 1.6e5], [1e6, 2e6, 4e6, 8e6]
     _grid(tmp_path / "grid", sizes, budgets)
     out = tmp_path / "designs.csv"
-    proc = _script(tmp_path / "grid", "--min-sizes", 3, "--min-budgets", 4, "--factor", 1, "--csv", out,
-                   "--plot", tmp_path / "designs.png")
+    proc = _script(tmp_path / "grid", "--min-sizes", 3, "--min-budgets", 4, "--factor", 1, "--boot", 10,
+                   "--csv", out, "--plot", tmp_path / "designs.png")
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = pd.read_csv(out)
     # Sizes [2e4..8e4] with every budget: the rows outside it with at least its largest compute
@@ -46,6 +46,9 @@ def test_sub_ladders_of_an_exact_law_predict_exactly(tmp_path):
     assert list(zip(table["target_n"], table["target_d"])) == [(1.6e5, 4e6), (1.6e5, 8e6)]
     assert table["compute_ratio"].tolist() == pytest.approx([1.0, 2.0]) and (table["n_max"] == 8e4).all()
     assert table["error"].abs().max() < 1e-4  # float64 fit of an exact law
+    # Every resample of an exact law refits it: the interval closes on the actual loss.
+    for end in ("ci_lo", "ci_hi"):
+        assert ((table[end] - table["actual"]).abs() < 1e-4 * table["actual"]).all()
     assert "median |error| % by sizes: 3:" in proc.stdout
     assert (tmp_path / "designs.png").stat().st_size > 0
 
@@ -57,3 +60,17 @@ def test_too_small_a_grid_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: ['{tmp_path / 'grid'}']: the grid has 2 sizes and 3 budgets; --min-sizes 3 and "
         "--min-budgets 3 need more"]
+
+
+def test_point_predictions_without_bootstrap(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import prediction_designs
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    _grid(tmp_path / "grid", [2e4, 4e4, 8e4, 1.6e5], [1e6, 2e6, 4e6])
+    grid = prediction_designs.grid_rows([tmp_path / "grid"])
+    table = prediction_designs.score(grid, grid.iloc[:0], factor=2, min_sizes=3, min_budgets=3, boot=0)
+    # Sizes [2e4..8e4]: 1.6e5 at 4e6 tokens has 2x its largest compute (6 x 8e4 x 4e6).
+    assert list(zip(table["target_n"], table["target_d"])) == [(1.6e5, 4e6)]
+    assert "ci_lo" not in table and abs(table["error"].iloc[0]) < 1e-4
