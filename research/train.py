@@ -67,7 +67,7 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
 
     # -- Config, processes, mesh and corpus: every check before anything is compiled.
     cfg = config.parse(raw_cfg)
-    ckpt.check_directory(run_dir, "hydra.run.dir")  # a sweep's job dir: hydra.sweep.dir plus its overrides
+    ckpt.check_directory(run_dir, "hydra.run.dir (hydra.sweep.dir in a multirun)")
     if devices is None:
         cluster.initialize(cfg.distributed)
     devices = list(devices) if devices is not None else jax.devices()

@@ -46,7 +46,8 @@ def test_list_override_job_checkpoints_read_back_and_a_bracketed_run_dir_is_refu
     assert step == 4 and cfg.train.cooldowns == [0.5, 1.0]
 
     bad = tmp_path / "run[1]"
-    with pytest.raises(config.ConfigError, match=r"hydra.run.dir: .*run\[1\] contains \[ \]: Orbax"):
+    field = r"hydra.run.dir \(hydra.sweep.dir in a multirun\)"
+    with pytest.raises(config.ConfigError, match=field + r": .*run\[1\] contains \[ \]: Orbax"):
         train.run(compose(*TINY, "train.steps=8"), bad)
     assert not bad.exists()  # refused before anything was written
 
