@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from research import train
+from tests.bounds import assert_bound_catches, assert_close_to_bound, lr_bound
 from tests.conftest import TINY, compose
 
 STEPS = 30
@@ -281,9 +282,16 @@ def test_resume_with_more_steps_uses_the_new_schedule(repo, reference, tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))
     cfg = parse(compose(*ARGS, "train.steps=40"))
     schedule = optim.make_schedule(cfg.schedule, cfg.optim.lr, 40)
-    for r in rows[STEPS:]:
-        if "lr" in r:
-            assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)), rel=1e-6)
+    # The lr the jitted step logged (exact in JSON) and the eager schedule's: each within
+    # lr_bound of the exact lr (not bitwise: XLA compiles the formula inside the step). The old
+    # 30-step schedule's lrs fall outside.
+    steps = np.array([r["step"] - 1 for r in rows[STEPS:] if "lr" in r])
+    assert len(steps) == 10
+    logged = np.array([r["lr"] for r in rows[STEPS:] if "lr" in r])
+    bound = 2 * lr_bound(cfg.schedule, cfg.optim.lr, 40, steps)[1]
+    assert_close_to_bound(logged, [float(schedule(s)) for s in steps], bound)
+    old = optim.make_schedule(cfg.schedule, cfg.optim.lr, STEPS)
+    assert_bound_catches(logged, [float(old(s)) for s in steps], bound)
 
 
 def test_init_from_starts_from_params_with_a_fresh_optimizer(repo, reference, tmp_path):
@@ -317,6 +325,9 @@ def test_restore_onto_other_meshes_continues_the_curve(tmp_path):
         assert summary["resumed_from"] == 10
         resumed = {r["step"]: r["loss"] for r in _rows(run_dir) if "loss" in r}
         assert sorted(resumed) == list(range(1, 21))
+        # Not a derived rounding bound (as test_sharding's): 10 AdamW steps on another mesh,
+        # whose reassociated sums the sign-like update can amplify without a useful worst-case
+        # limit; a restore that lost state moves the curve far more than 1e-4.
         np.testing.assert_allclose([resumed[s] for s in range(11, 21)],
                                    [full[s] for s in range(11, 21)], rtol=1e-4)
 
