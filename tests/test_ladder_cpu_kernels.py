@@ -27,37 +27,11 @@ import pytest
 from ladder_cpu import awake, kernels
 from research import kernels as registry
 from research import plugins
+from tests.bounds import U, assert_bound_catches, assert_close_to_bound, gamma
 
 X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"
 UNAVAILABLE = kernels.unavailable()
 needs_kernels = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"MKL kernels: {UNAVAILABLE}")
-
-U = 2.0**-24  # fp32 unit roundoff
-
-
-def gamma(k: int) -> float:
-    """Higham's gamma_k: the relative error bound of k successive fp32 roundings."""
-    return k * U / (1 - k * U)
-
-
-def assert_close_to_bound(actual, reference, bound) -> None:
-    """|actual - reference| <= bound elementwise (NaN fails), in float64."""
-    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-    diff = np.abs(actual - reference)
-    bad = ~(diff <= np.broadcast_to(bound, diff.shape))
-    if bad.any():
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(bad, np.nan_to_num(diff / bound, nan=np.inf), -np.inf)
-        worst = np.unravel_index(np.argmax(ratio), diff.shape)
-        raise AssertionError(f"{bad.sum()} of {diff.size} elements beyond the fp32 bound; worst at "
-                             f"{worst}: |{actual[worst]} - {reference[worst]}| = {diff[worst]:.3g} > "
-                             f"{np.broadcast_to(bound, diff.shape)[worst]:.3g}")
-
-
-def assert_bound_catches(wrong, reference, bound) -> None:
-    """The bound is tight enough to reject `wrong` (the test can fail)."""
-    with pytest.raises(AssertionError, match="beyond the fp32 bound"):
-        assert_close_to_bound(wrong, reference, bound)
 
 
 def _bf16(a):
