@@ -6,7 +6,9 @@ budget C = `factor` x the largest run's 6ND, places its compute-optimal N_opt,
 D_opt, picks the `model.d_model` whose params are nearest N_opt (the ladder's
 depth and heads) and the steps that give D_opt tokens, trains that rung in
 `<ladder_dir>/heldout/` with the ladder's config (no cooldowns), and compares
-its final val loss with the prediction at the rung's actual (N, D). It
+its final val loss with the prediction at the rung's actual (N, D). Rows at
+the same (N, D), the seeds of one rung (`train.seed` swept), are averaged
+before the fit. It
 writes `<ladder_dir>/prediction.json` and `prediction.png`, and also refits
 on parts of the ladder (fewer rungs, fewer budgets) to show what the
 prediction depends on.
@@ -44,7 +46,18 @@ def _rows(ladder_dir: Path):
         ok = completed(df, N_COL, "tokens", "final_val_loss")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    return ok.reset_index(drop=True)
+    return mean_over_seeds(ok)
+
+
+def mean_over_seeds(rows):
+    """One row per (N, D): the seeds of one rung averaged (`seeds` counts them), so a rung
+    trained at several `train.seed`s is one less noisy point of the fit, not several. The
+    fit's Huber loss is close to L1, so pooled replicates would pull it to their median."""
+    extra = {"branch_fraction": ("branch_fraction", "first")} if "branch_fraction" in rows else {}
+    out = rows.groupby([N_COL, "tokens"], as_index=False).agg(
+        final_val_loss=("final_val_loss", "mean"), seeds=("final_val_loss", "size"),
+        run_dir=("run_dir", lambda d: ",".join(sorted(d))), **extra)
+    return out.sort_values([N_COL, "tokens"]).reset_index(drop=True)
 
 
 def nearest_width(cfg: configlib.Config, vocab: int, n_target: float) -> tuple[int, int]:
@@ -139,7 +152,7 @@ def check(raw_cfg, ladder_dir: str | Path, factor: float = 8.0, n_boot: int = 20
         "rel_error": abs(p["loss"] - actual) / actual,
         "inside_ci": p["ci"][0] <= actual <= p["ci"][1],
         "fit": at["fit"],
-        "rows": rows[["run_dir", N_COL, "tokens", "final_val_loss"]].to_dict("records"),
+        "rows": rows[["run_dir", N_COL, "tokens", "final_val_loss", "seeds"]].to_dict("records"),
         "ablations": ablations(rows, target, actual, n_boot) if ablate else [],
     }
     (ladder_dir / "prediction.json").write_text(json.dumps(result, indent=1) + "\n")

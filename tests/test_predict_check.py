@@ -1,6 +1,6 @@
 """experiment=predict's check (research/predict_check.py): the rung it trains is the
-compute-optimal one of `factor` x the ladder's largest compute, and on a ladder that follows
-a known law exactly, the rung's loss is predicted to the fit's precision."""
+compute-optimal one of `factor` x the ladder's largest compute, and on a ladder whose seeds
+average to a known law, the rung's loss is predicted to the fit's precision."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ def test_check_on_a_ladder_on_a_known_law(tmp_path, monkeypatch):
     sizes, budgets = [1e5, 2e5, 4e5, 8e5], [2e6, 4e6, 8e6]
     for n in sizes:
         for d in budgets:
-            run = ladder / f"n{n:g}-d{d:g}"
-            run.mkdir(parents=True)
-            (run / "summary.json").write_text(json.dumps({
-                "status": "completed", "params": n, "tokens": d, "final_val_loss": float(law(TRUE, n, d))}))
+            for seed, noise in ((0, 1.01), (1, 0.99)):  # two seeds per rung, 1% either side of the law
+                run = ladder / f"n{n:g}-d{d:g}-s{seed}"
+                run.mkdir(parents=True)
+                (run / "summary.json").write_text(json.dumps({
+                    "status": "completed", "params": n, "tokens": d,
+                    "final_val_loss": noise * float(law(TRUE, n, d))}))
     trained = {}
 
     def fake_run(cfg, run_dir, **kwargs):  # "trains" the rung: its loss is the true law's
@@ -54,7 +56,9 @@ def test_check_on_a_ladder_on_a_known_law(tmp_path, monkeypatch):
     assert trained["cooldowns"] == [] and trained["d_model"] == result["heldout"]["d_model"]
     # The trained rung's tokens are D_opt to within one step.
     assert abs(result["heldout"]["tokens"] - opt["tokens"]) <= 16 * 32 / 2
-    # Exact law, float32 fit: the rung's loss to ~1e-5 relative, and inside the interval.
+    # The seeds of a rung are averaged before the fit: their mean is the exact law, so the
+    # rung's loss is predicted to the fit's precision (~1e-5 relative).
+    assert len(result["rows"]) == 12 and {r["seeds"] for r in result["rows"]} == {2}
     assert result["rel_error"] < 1e-4
     assert json.loads((ladder / "prediction.json").read_text())["predicted"] == result["predicted"]
     assert (ladder / "prediction.png").stat().st_size > 0
