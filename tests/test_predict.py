@@ -37,6 +37,16 @@ def test_exact_law_predicts_a_held_out_point_exactly():
     assert out["fit"]["alpha"] == pytest.approx(TRUE["alpha"], rel=1e-3)
 
 
+def test_seeds_of_a_rung_are_averaged_before_the_fit():
+    """Two seeds per (N, D), 1% either side of the law: the fit sees their mean, one row each
+    (pooled, the near-L1 fit could settle anywhere between them)."""
+    N, D, L = _rows()
+    out = predict_loss(np.concatenate([N, N]), np.concatenate([D, D]), np.concatenate([1.01 * L, 0.99 * L]),
+                       targets=[(3e8, 3e10)], n_boot=20, max_factor=20)
+    assert out["fit"]["n"] == len(N)
+    assert out["predictions"][0]["loss"] == pytest.approx(float(law(TRUE, 3e8, 3e10)), rel=1e-4)
+
+
 def test_compute_optimal_target_spends_the_budget_and_sits_on_the_law():
     N, D, L = _rows()
     c = 6 * 3e8 * 3e9

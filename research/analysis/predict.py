@@ -1,7 +1,8 @@
 """Predict a rung's loss from a ladder: one Approach 3 fit, a bootstrap interval, an extrapolation check.
 
 `predict_loss(params, tokens, loss, targets)` fits L(N, D) = E + A/N^alpha + B/D^beta
-(chinchilla.py) once and evaluates it at every target (N, D). The 95% interval
+(chinchilla.py) once and evaluates it at every target (N, D). Rows at the same (N, D), a
+rung trained at several seeds, are averaged into one before the fit. The 95% interval
 of a prediction is the percentile interval of the same prediction under each
 bootstrap refit (resampled data points, chinchilla.py): it holds the
 uncertainty of the parameters given the rows, not the error of the law's form,
@@ -46,12 +47,28 @@ def beyond(params: float, tokens: float, fitted_n, fitted_d, max_factor: float) 
     return out
 
 
+def mean_replicates(params, tokens, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per distinct (N, D), its loss the mean of the rows there (the seeds of one rung).
+
+    The fit's Huber loss (delta 1e-3 on log L) is close to L1: pooled replicates would pull it
+    to their median, and a bootstrap would count each seed as an independent size or budget.
+    Rows of unequal lengths are returned as they are, for fit_approach3 to refuse.
+    """
+    n, d, l = (np.asarray(x, dtype=np.float64).ravel() for x in (params, tokens, loss))
+    if not (n.shape == d.shape == l.shape):
+        return n, d, l
+    pairs, inverse = np.unique(np.stack([n, d], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    return pairs[:, 0], pairs[:, 1], np.bincount(inverse, weights=l) / np.bincount(inverse)
+
+
 def predict_loss(params, tokens, loss, targets=None, flops=None, n_boot: int = 200, seed: int = 0,
             level: float = 0.95, max_factor: float = MAX_FACTOR) -> dict:
     """Fit Approach 3 to the rows (params, tokens, loss) once and predict each target.
 
     Give `targets`, a sequence of (N, D) pairs, or `flops`, a sequence of budgets C, each
-    predicted at its compute-optimal (N, D) under the fit (C = 6ND). Returns {"fit": the
+    predicted at its compute-optimal (N, D) under the fit (C = 6ND). Rows at the same (N, D),
+    the seeds of one rung, are averaged first (`mean_replicates`). Returns {"fit": the
     fit's parameters and CIs, "predictions": [{"params", "tokens", "flops" (6ND), "loss",
     "ci": [lo, hi] (`level` interval), "beyond"}]}, one per target in order; "beyond" lists
     the extrapolation warnings (also issued with `warnings.warn`). Raises ValueError (one
@@ -67,6 +84,7 @@ def predict_loss(params, tokens, loss, targets=None, flops=None, n_boot: int = 2
         raise ValueError(f"target {'params and tokens' if flops is None else 'flops'} must be positive and finite")
     if n_boot < 10:
         raise ValueError(f"need at least 10 bootstrap resamples for an interval; got {n_boot}")
+    params, tokens, loss = mean_replicates(params, tokens, loss)
     fit = fit_approach3(params, tokens, loss, n_boot=n_boot, seed=seed, keep_boot=True)
     boot = fit.pop("boot")
     pairs = wanted if flops is None else [compute_optimal_target(fit, c) for c in wanted]
