@@ -15,28 +15,21 @@ import os
 import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import hydra
 import jax
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from research import checkpoint as ckpt
-from research import cluster, conf, config, cooldown, data, flops, hooks, kernels, param, preemption, sweep
+from research import cluster, conf, config, cooldown, data, flops, hooks, job, kernels, param, preemption, sweep
 from research import sharding as shd
 from research import step as steplib
 from research.config import ConfigError
 from research.loggers import RunLogger
 from research.stats import StatsStep
 
-EXIT_CONFIG_ERROR = 2
-EXIT_DIVERGED = 3
-EXIT_CHECKPOINT_FAILED = 4
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a restart continues exactly
 
 def evaluate(eval_step, params, sets: dict[str, data.Corpus], cfg: config.Config, batch_sharding) -> dict:
     """{"val/<name>/loss", "val/<name>/bpb"} of every eval set: mean loss over the same
@@ -334,58 +327,8 @@ def run(raw_cfg: DictConfig | dict, run_dir: str | Path, devices=None, skip_comp
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """One job. Alone: exit codes as in docs/runs.md. In a multirun: a job that
-    fails is recorded in the sweep index and the sweep goes on; the job's
-    return value (final val loss, None if it failed) is what sweepers such
-    as Optuna minimise."""
-    hc = HydraConfig.get()
-    run_dir = hc.runtime.output_dir
-    multirun = hc.mode == RunMode.MULTIRUN
-    writer = multirun and _process_hint(cfg) == 0
-
-    def index(status: str, **extra) -> None:
-        if writer:
-            job = {"job": hc.job.num, "overrides": list(hc.overrides.task), "run_dir": run_dir}
-            sweep.record(hc.sweep.dir, {**job, "status": status, **extra})
-
-    slots = cluster.local_parallel_slots(hc.launcher) if multirun else None
-    if slots:
-        cluster.pin_local_job(Path(hc.sweep.dir) / ".slots", slots)
-    index("running")
-    try:
-        summary = run(cfg, run_dir, skip_completed=multirun,
-                      sweep_group=Path(hc.sweep.dir).name if multirun else None)
-    except (ConfigError, ckpt.CheckpointError) as err:
-        prefix = "config error" if isinstance(err, ConfigError) else "error"
-        index("failed", error=f"{prefix}: {err}")
-        if multirun or isinstance(err, ConfigError):
-            print(f"{prefix}: {err}", file=sys.stderr)
-            if multirun:
-                return None
-            sys.exit(EXIT_CONFIG_ERROR)
-        # Orbax's writer threads of the failed save print "Event loop is closed" tracebacks
-        # (through logging handlers too), at teardown and sometimes just as the error is
-        # printed. Point file descriptor 2 at /dev/null for them, write the error to the real
-        # stderr on a fresh line, and leave at once (run closed the logs): it stays last.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        stderr_fd = os.dup(2)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-        os.write(stderr_fd, f"\n{prefix}: {err}\n".encode())
-        os._exit(EXIT_CHECKPOINT_FAILED)
-    except Exception as err:  # anything else (e.g. out of memory): record it, keep the sweep going
-        index("failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        if not multirun:
-            raise
-        traceback.print_exc()
-        return None
-    index(summary["status"], final_val_loss=summary["final_val_loss"], skipped=summary.get("skipped", False))
-    if summary["status"] == "preempted":
-        preemption.forward(summary["stop_signal"])  # e.g. submitit requeues the job here
-        sys.exit(EXIT_PREEMPTED)  # stops a multirun too: the machine is going away
-    if summary["status"] == "diverged" and not multirun:
-        sys.exit(EXIT_DIVERGED)
-    return summary["final_val_loss"]
+    """One job (research/job.py): exit codes, the sweep index, failures, preemption."""
+    return job.run_job(cfg, run)
 
 
 def _epochs(mixture: data.Mixture, step: int, seq_len: int) -> dict[str, float]:
@@ -397,19 +340,10 @@ def _epochs(mixture: data.Mixture, step: int, seq_len: int) -> dict[str, float]:
     return row
 
 
-def _process_hint(cfg: DictConfig) -> int:
-    """This process's index, known before JAX starts (config or cluster environment, as
-    cluster.init_args reads them): only process 0 writes the sweep index."""
-    try:
-        return cluster.process_id_hint(config.parse(cfg).distributed)
-    except ConfigError:
-        return cluster.process_id_hint(config.DistributedConfig())
-
-
 if __name__ == "__main__":
     try:  # a misspelt preset (optim=adamww) fails here in one line, not in Hydra's many
         conf.check_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        sys.exit(job.EXIT_CONFIG_ERROR)
     main()

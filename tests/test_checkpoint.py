@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import train
+from research import job, train
 from tests.bounds import assert_bound_catches, assert_close_to_bound, lr_bound
 from tests.conftest import TINY, compose
 
@@ -166,7 +166,7 @@ def test_preemption_signal_checkpoints_and_exits(repo, reference, tmp_path, sign
     _wait_rows(run_dir, 7, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == train.EXIT_PREEMPTED, err[-3000:]
+    assert proc.returncode == job.EXIT_PREEMPTED, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"preempted by {signal.Signals(signum).name} at step ")
     step = int(last.split("at step ")[1].split(":")[0])
@@ -215,7 +215,7 @@ def test_changed_config_refuses_to_resume(repo, reference, tmp_path, override, e
 def test_non_finite_loss_stops_without_saving_it(repo, tmp_path):
     run_dir = tmp_path / "diverged"
     proc = _run(repo, run_dir, "optim.lr=1e6", "optim.clip=0", "checkpoint.every=1")
-    assert proc.returncode == train.EXIT_DIVERGED, proc.stderr[-3000:]
+    assert proc.returncode == job.EXIT_DIVERGED, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("diverged: non-finite") and "at step" in last
     bad_step = int(last.split("at step ")[1].split(";")[0])
@@ -234,7 +234,7 @@ def test_divergence_between_synced_steps_names_the_same_step(repo, tmp_path):
     synced = _run(repo, tmp_path / "synced", *bad)  # train.log_every=1: every step is waited on
     lagged = _run(repo, tmp_path / "lagged", *bad, "train.log_every=1000", "train.eval_every=0")
     for proc in (synced, lagged):
-        assert proc.returncode == train.EXIT_DIVERGED, proc.stderr[-3000:]
+        assert proc.returncode == job.EXIT_DIVERGED, proc.stderr[-3000:]
     last = synced.stderr.strip().splitlines()[-1]
     assert last.startswith("diverged: non-finite")
     assert lagged.stderr.strip().splitlines()[-1] == last
@@ -263,7 +263,7 @@ def test_unwritable_disk_gives_a_clear_error(repo, tmp_path, fault):
         if fault == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(ckpt_dir)], check=True)
         proc = _run(repo, run_dir, "train.steps=10", timeout=180)  # a hang would time out
-        assert proc.returncode == train.EXIT_CHECKPOINT_FAILED, proc.stderr[-3000:]
+        assert proc.returncode == job.EXIT_CHECKPOINT_FAILED, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: checkpoint save to {ckpt_dir} failed")
     finally:
