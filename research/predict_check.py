@@ -8,8 +8,7 @@ depth and heads) and the steps that give D_opt tokens, trains that rung in
 `<ladder_dir>/heldout/` with the ladder's config (no cooldowns), and compares
 its final val loss with the prediction at the rung's actual (N, D). Rows at
 the same (N, D), the seeds of one rung (`train.seed` swept), are averaged
-before the fit. It
-writes `<ladder_dir>/prediction.json` and `prediction.png`, and also refits
+before the fit. It writes `<ladder_dir>/prediction.json` and `prediction.png`, and also refits
 on parts of the ladder (fewer rungs, fewer budgets) to show what the
 prediction depends on.
 
@@ -50,9 +49,9 @@ def _rows(ladder_dir: Path):
 
 
 def mean_over_seeds(rows):
-    """One row per (N, D): the seeds of one rung averaged (`seeds` counts them), so a rung
-    trained at several `train.seed`s is one less noisy point of the fit, not several. The
-    fit's Huber loss is close to L1, so pooled replicates would pull it to their median."""
+    """One row per (N, D): the seeds of one rung averaged (`seeds` counts them), with the
+    run dirs and branch fraction that prediction.json, the plot and the ablations report.
+    The fit itself averages the same way (analysis/predict.py `mean_replicates`)."""
     extra = {"branch_fraction": ("branch_fraction", "first")} if "branch_fraction" in rows else {}
     out = rows.groupby([N_COL, "tokens"], as_index=False).agg(
         final_val_loss=("final_val_loss", "mean"), seeds=("final_val_loss", "size"),
